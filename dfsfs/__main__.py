@@ -1,0 +1,3 @@
+from dfsfs.cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""Versioned schema migrations. `dfsfs init` applies the missing ones; re-running is harmless."""
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from dfsfs.meta import schema
+from dfsfs.meta.db import run_transaction
+
+# Serialises concurrent `dfsfs init` runs (any constant unique to dfsfs).
+MIGRATION_LOCK_ID = 0x6466_7366_73
+
+
+def _create_tables(conn: Connection) -> None:
+    tables = [t for t in schema.metadata.sorted_tables if t is not schema.schema_version]
+    schema.metadata.create_all(conn, tables=tables)
+
+
+def _row_level_security(conn: Connection) -> None:
+    """Defense in depth: a query missing its user filter sees only the scoped user's rows."""
+    for table in schema.USER_OWNED_TABLES:
+        name = table.name
+        conn.exec_driver_sql(f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY")
+        conn.exec_driver_sql(f"ALTER TABLE {name} FORCE ROW LEVEL SECURITY")
+        conn.exec_driver_sql(
+            f"CREATE POLICY {name}_by_user ON {name} USING ("
+            " current_setting('dfsfs.admin', true) = 'on'"
+            " OR user_id = nullif(current_setting('dfsfs.user_id', true), '')::bigint)"
+        )
+
+
+MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
+    (1, _create_tables),
+    (2, _row_level_security),
+]
+LATEST_VERSION = MIGRATIONS[-1][0]
+
+
+def current_version(conn: Connection) -> int:
+    if not sa.inspect(conn).has_table(schema.schema_version.name):
+        return 0
+    version = conn.execute(sa.select(sa.func.max(schema.schema_version.c.version))).scalar()
+    return version or 0
+
+
+def migrate(engine: Engine) -> list[int]:
+    """Apply every migration newer than the database's version; return those applied."""
+
+    def work(conn: Connection) -> list[int]:
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK_ID)))
+        schema.schema_version.create(conn, checkfirst=True)
+        version = current_version(conn)
+        applied = []
+        for number, step in MIGRATIONS:
+            if number > version:
+                step(conn)
+                conn.execute(schema.schema_version.insert().values(version=number))
+                applied.append(number)
+        return applied
+
+    return run_transaction(engine, work)
