@@ -1,0 +1,690 @@
+"""FileSystem: one user's namespace as a file system, over a MetadataStore and a chunk store.
+
+Runs on the trio loop. Metadata transactions and chunk I/O (with hashing) run in worker
+threads under bounded limiters, so the loop never blocks. Writes land in per-chunk
+buffers under a global memory budget; a full chunk is hashed and stored at once in the
+background, and buffered chunks are committed to the metadata in one transaction per
+batch (on flush/fsync/close, on budget pressure, per batch of full chunks, on a timer).
+"""
+
+import hashlib
+import logging
+import os
+import stat as stat_module
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+
+import trio
+
+from dfsfs.chunks.base import ChunkStore
+from dfsfs.core.caches import ReadCache, WriteBudget
+from dfsfs.errors import (
+    DfsfsError,
+    InvalidArgumentError,
+    NameTooLongError,
+    NotSupportedError,
+    PermissionDeniedError,
+    StorageError,
+)
+from dfsfs.meta.store import Attrs, ChunkRef, MetadataStore, ReclaimableChunk, Usage
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+PATH_MAX = 4096
+XATTR_SIZE_MAX = 65536
+UNSUPPORTED_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    chunk_size: int = 1 << 20
+    write_buffer_bytes: int = 256 << 20
+    read_cache_bytes: int = 256 << 20
+    readahead_chunks: int = 4
+    commit_batch_bytes: int = 32 << 20  # commit full chunks in batches of this size
+    flush_interval_s: float = 5.0  # commit buffered writes idle this long
+    statfs_cache_s: float = 2.0
+    thread_limit: int = 8
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What statfs reports: the user's quota and use, or the chunk store's space."""
+
+    total_bytes: int
+    free_bytes: int
+    total_inodes: int
+    free_inodes: int
+
+
+class PendingChunk:
+    """A sealed chunk buffer: being stored, or stored and waiting for its commit."""
+
+    __slots__ = ("data", "ref", "error", "done")
+
+    def __init__(self, data: bytearray):
+        self.data = data
+        self.ref: ChunkRef | None = None  # None with no error: an all-zero chunk (a hole)
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
+class FileState:
+    """The in-memory state of a file that is open or has uncommitted writes."""
+
+    def __init__(self, attrs: Attrs):
+        self.ino = attrs.ino
+        self.size = attrs.size  # logical size including buffered writes
+        self.committed_size = attrs.size
+        self.mtime_ns: int | None = None  # set by buffered writes until committed
+        self.dirty: dict[int, bytearray] = {}
+        self.pending: dict[int, PendingChunk] = {}
+        self.chunk_map: dict[int, ChunkRef] | None = None
+        self.open_handles = 0
+        self.unlinked = False
+        self.lock = trio.Lock()
+        self.last_write = 0.0
+        self.last_read_end = -1
+        self.error: BaseException | None = None  # a background commit failure, reported later
+        self.committing = False
+
+    @property
+    def has_uncommitted(self) -> bool:
+        return bool(self.dirty or self.pending or self.mtime_ns is not None)
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(len(p.data) for p in self.pending.values())
+
+
+@dataclass
+class Handle:
+    state: FileState
+    flags: int
+
+
+class FileSystem:
+    """The core of one mounted namespace. `ino` values are the metadata store's inode ids."""
+
+    def __init__(
+        self,
+        meta: MetadataStore,
+        store: ChunkStore,
+        settings: CoreSettings,
+        capacity_probe: Callable[[], tuple[int, int]] | None = None,
+    ):
+        self.meta = meta
+        self.store = store
+        self.settings = settings
+        self.namespace = meta.user_id
+        self.root_ino = meta.root_ino
+        self.capacity_probe = capacity_probe  # (total, free) bytes of the chunk store
+        self.budget = WriteBudget(settings.write_buffer_bytes)
+        self.cache = ReadCache(settings.read_cache_bytes)
+        self.meta_limiter = trio.CapacityLimiter(settings.thread_limit)
+        self.chunk_limiter = trio.CapacityLimiter(settings.thread_limit)
+        self._states: dict[int, FileState] = {}
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._fetching: dict[bytes, trio.Event] = {}
+        self._usage: tuple[float, Usage] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._zeros = bytes(settings.chunk_size)
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Run background work (uploads, readahead, the flusher) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._flusher)
+            task_status.started()
+
+    async def flush_all(self) -> None:
+        """Commit every buffered write (unmount, SIGTERM)."""
+        for state in list(self._states.values()):
+            async with state.lock:
+                await self._commit(state)
+
+    async def _meta(self, function, *args, **kwargs):
+        return await trio.to_thread.run_sync(
+            partial(function, *args, **kwargs), limiter=self.meta_limiter
+        )
+
+    async def _chunks(self, function, *args):
+        return await trio.to_thread.run_sync(partial(function, *args), limiter=self.chunk_limiter)
+
+    # ---- names and attributes ----------------------------------------------------------
+
+    async def lookup(self, parent_ino: int, name: bytes) -> Attrs:
+        _check_name(name)
+        return self._overlay(await self._meta(self.meta.lookup, parent_ino, name))
+
+    async def getattr(self, ino: int) -> Attrs:
+        return self._overlay(await self._meta(self.meta.get_attrs, ino))
+
+    def _overlay(self, attrs: Attrs) -> Attrs:
+        """Attributes as this mount sees them: buffered writes change size and mtime."""
+        state = self._states.get(attrs.ino)
+        if state is None or not state.has_uncommitted:
+            return attrs
+        mtime = state.mtime_ns if state.mtime_ns is not None else attrs.mtime_ns
+        return replace(attrs, size=state.size, mtime_ns=mtime, ctime_ns=max(attrs.ctime_ns, mtime))
+
+    async def setattr(
+        self, ino: int, caller_uid: int, *, size: int | None = None, **changes: int
+    ) -> Attrs:
+        if size is not None:
+            await self._truncate(ino, size)
+        owner_changes = {k: v for k, v in changes.items() if k in ("uid", "gid")}
+        if owner_changes and caller_uid != 0:
+            current = await self._meta(self.meta.get_attrs, ino)
+            if owner_changes.get("uid", current.uid) != current.uid:
+                raise PermissionDeniedError("only the owner may own files here")
+        if changes:
+            state = self._states.get(ino)
+            if state is not None and "mtime_ns" in changes:
+                async with state.lock:
+                    await self._commit(state)  # a later explicit mtime must win
+            return self._overlay(await self._meta(self.meta.set_attrs, ino, time.time_ns(), **changes))
+        return await self.getattr(ino)
+
+    async def readdir(self, ino: int, after_id: int, limit: int):
+        entries = await self._meta(self.meta.readdir, ino, after_id, limit)
+        return [(entry_id, name, self._overlay(attrs)) for entry_id, name, attrs in entries]
+
+    async def readlink(self, ino: int) -> bytes:
+        return await self._meta(self.meta.readlink, ino)
+
+    # ---- namespace changes -----------------------------------------------------------------
+
+    async def make_node(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
+                        rdev: int = 0, target: bytes | None = None) -> Attrs:
+        _check_name(name)
+        if not (stat_module.S_ISREG(mode) or stat_module.S_ISDIR(mode) or stat_module.S_ISLNK(mode)
+                or stat_module.S_ISFIFO(mode) or stat_module.S_ISSOCK(mode)):
+            raise NotSupportedError("only files, directories, symlinks, fifos and sockets")
+        if target is not None and len(target) >= PATH_MAX:
+            raise NameTooLongError("symbolic link target too long")
+        return await self._meta(self.meta.make_node, parent_ino, name, mode, uid, gid,
+                                time.time_ns(), rdev, target)
+
+    async def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
+                     flags: int) -> tuple[int, Attrs]:
+        attrs = await self.make_node(parent_ino, name, stat_module.S_IFREG | (mode & 0o7777), uid, gid)
+        return self._open_state(attrs, flags), attrs
+
+    async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attrs:
+        _check_name(new_name)
+        await self._commit_if_open(ino)
+        return self._overlay(await self._meta(self.meta.link, ino, new_parent_ino, new_name,
+                                              time.time_ns()))
+
+    async def unlink(self, parent_ino: int, name: bytes, *, directory: bool = False) -> None:
+        _check_name(name)
+        attrs = await self._meta(self.meta.unlink, parent_ino, name, time.time_ns(),
+                                 directory=directory)
+        await self._released_link(attrs)
+
+    async def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+                     new_name: bytes, flags: int) -> None:
+        _check_name(old_name)
+        _check_name(new_name)
+        replaced = await self._meta(self.meta.rename, old_parent_ino, old_name, new_parent_ino,
+                                    new_name, flags, time.time_ns())
+        if replaced is not None:
+            await self._released_link(replaced)
+
+    async def _released_link(self, attrs: Attrs) -> None:
+        """After a name went away: free the inode when no name and no open handle is left."""
+        if attrs.nlink > 0:
+            return
+        state = self._states.get(attrs.ino)
+        if state is not None and state.open_handles:
+            state.unlinked = True
+            return
+        await self._purge(attrs.ino)
+
+    async def _purge(self, ino: int) -> None:
+        state = self._states.pop(ino, None)
+        if state is not None:
+            self._drop_buffers(state)
+        await self._reclaim(await self._meta(self.meta.purge, ino))
+
+    # ---- open files ------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> int:
+        state = self._states.get(ino)
+        if state is None or not state.has_uncommitted:
+            # Close-to-open: what other mounts committed is visible to the next open.
+            attrs = await self._meta(self.meta.get_attrs, ino)
+            if stat_module.S_ISDIR(attrs.mode):
+                raise InvalidArgumentError("is a directory")
+            state = self._states.get(ino)
+            if state is None:
+                return self._open_state(attrs, flags)
+            if not state.has_uncommitted:
+                state.size = state.committed_size = attrs.size
+                state.chunk_map = None
+        return self._add_handle(state, flags)
+
+    def _open_state(self, attrs: Attrs, flags: int) -> int:
+        state = self._states.get(attrs.ino)
+        if state is None:
+            state = self._states[attrs.ino] = FileState(attrs)
+            state.chunk_map = {} if attrs.size == 0 else None
+        return self._add_handle(state, flags)
+
+    def _add_handle(self, state: FileState, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = Handle(state, flags)
+        state.open_handles += 1
+        return fh
+
+    def _handle(self, fh: int) -> Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise InvalidArgumentError(f"no open file handle {fh}") from None
+
+    async def flush(self, fh: int) -> None:
+        """close(2) and fsync(2): data and metadata are durable when this returns."""
+        state = self._handle(fh).state
+        async with state.lock:
+            await self._commit(state)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        state = handle.state
+        state.open_handles -= 1
+        if state.open_handles:
+            return
+        if state.unlinked:
+            await self._purge(state.ino)
+            return
+        try:
+            async with state.lock:
+                await self._commit(state)
+        finally:
+            if not state.open_handles and not state.has_uncommitted:
+                self._states.pop(state.ino, None)
+
+    async def _commit_if_open(self, ino: int) -> None:
+        state = self._states.get(ino)
+        if state is not None:
+            async with state.lock:
+                await self._commit(state)
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        state = self._handle(fh).state
+        self._raise_deferred_error(state)
+        await self.budget.reserve(len(data))
+        async with state.lock:
+            before = self._buffered(state)
+            try:
+                await self._write_locked(state, offset, data)
+            finally:
+                self._settle_budget(len(data), self._buffered(state) - before)
+        if state.pending_bytes >= self.settings.commit_batch_bytes and not state.committing:
+            self._nursery.start_soon(self._commit_in_background, state)
+        return len(data)
+
+    def _buffered(self, state: FileState) -> int:
+        return sum(len(b) for b in state.dirty.values()) + state.pending_bytes
+
+    def _settle_budget(self, reserved: int, used: int) -> None:
+        if used > reserved:
+            self.budget.used_bytes += used - reserved  # loaded old content: already in memory
+        elif used < reserved:
+            self.budget.release(reserved - used)
+
+    async def _write_locked(self, state: FileState, offset: int, data: bytes) -> None:
+        chunk_size = self.settings.chunk_size
+        view = memoryview(data)
+        position = offset
+        while view:
+            index, chunk_offset = divmod(position, chunk_size)
+            piece = view[: chunk_size - chunk_offset]
+            buffer = state.dirty.get(index)
+            if buffer is None:
+                buffer = await self._start_buffer(state, index, chunk_offset, len(piece))
+            if chunk_offset > len(buffer):
+                buffer.extend(bytes(chunk_offset - len(buffer)))
+            buffer[chunk_offset : chunk_offset + len(piece)] = piece
+            if len(buffer) == chunk_size:
+                self._seal(state, index)
+            position += len(piece)
+            view = view[len(piece):]
+        state.size = max(state.size, offset + len(data))
+        state.mtime_ns = time.time_ns()
+        state.last_write = time.monotonic()
+
+    async def _start_buffer(self, state: FileState, index: int, chunk_offset: int,
+                            length: int) -> bytearray:
+        """A chunk buffer holding the chunk's current content where the write won't cover it."""
+        chunk_start = index * self.settings.chunk_size
+        extent = min(self.settings.chunk_size, max(0, state.size - chunk_start))
+        if chunk_offset == 0 and length >= extent:
+            buffer = bytearray()
+        else:
+            buffer = bytearray(await self._chunk_content(state, index))
+            if len(buffer) < extent:
+                buffer.extend(bytes(extent - len(buffer)))
+        state.dirty[index] = buffer
+        return buffer
+
+    def _seal(self, state: FileState, index: int) -> None:
+        """Hand a chunk buffer to the background: hash and store it now, commit it later."""
+        buffer = state.dirty.pop(index)
+        replaced = state.pending.get(index)
+        pending = state.pending[index] = PendingChunk(buffer)
+        if replaced is not None:
+            self.budget.release(len(replaced.data))
+        self._nursery.start_soon(self._store_pending, pending)
+
+    async def _store_pending(self, pending: PendingChunk) -> None:
+        try:
+            pending.ref = await self._chunks(self._store_chunk, pending.data)
+        except BaseException as error:  # noqa: BLE001 - reported by the commit that needs it
+            pending.error = error
+        finally:
+            pending.done.set()
+
+    def _store_chunk(self, data: bytearray) -> ChunkRef | None:
+        """Worker thread: hash and store one chunk; an all-zero chunk becomes a hole."""
+        if self._is_zeros(data):
+            return None
+        digest = hashlib.sha256(data).digest()
+        self.store.put(self.namespace, digest, data)
+        return ChunkRef(digest, len(data))
+
+    def _is_zeros(self, data: bytearray) -> bool:
+        if not data or data[0] or data[-1] or data[len(data) // 2]:
+            return not data
+        return data == self._zeros[: len(data)]
+
+    async def _commit_in_background(self, state: FileState) -> None:
+        try:
+            async with state.lock:
+                await self._commit(state)
+        except Exception as error:  # noqa: BLE001 - reported at the file's next flush
+            log.warning("background commit of inode %d failed: %s", state.ino, error)
+            state.error = error
+
+    def _raise_deferred_error(self, state: FileState) -> None:
+        if state.error is not None:
+            error, state.error = state.error, None
+            raise error
+
+    async def _commit(self, state: FileState) -> None:
+        """Make every buffered write of `state` durable and visible. Caller holds state.lock."""
+        self._raise_deferred_error(state)
+        if not state.has_uncommitted:
+            return
+        state.committing = True
+        try:
+            for index in list(state.dirty):
+                self._seal(state, index)
+            batch = dict(state.pending)
+            for pending in batch.values():
+                await pending.done.wait()
+            failed = [p.error for p in batch.values() if p.error is not None]
+            if failed:
+                self._drop_buffers(state)
+                raise _as_storage_error(failed[0])
+            chunks = {index: (p.ref, p.data) for index, p in batch.items()}
+            await self._commit_chunks(state, chunks, state.size, state.mtime_ns)
+            for index, pending in batch.items():
+                if state.pending.get(index) is pending:
+                    del state.pending[index]
+                self.budget.release(len(pending.data))
+            state.mtime_ns = None
+        finally:
+            state.committing = False
+
+    async def _commit_chunks(self, state: FileState, chunks: dict, size: int,
+                             mtime_ns: int | None, drop_from_index: int | None = None) -> None:
+        """Sync the stores, then reference the chunks in one metadata transaction."""
+        await self._chunks(self.store.sync)
+        refs = {index: ref for index, (ref, _) in chunks.items()}
+        data_by_digest = {ref.digest: data for ref, data in chunks.values() if ref is not None}
+        reclaimable = await self._meta(
+            self.meta.commit_file, state.ino, refs, size, mtime_ns, drop_from_index,
+            partial(self._ensure_stored, data_by_digest),
+        )
+        if state.chunk_map is not None:
+            if drop_from_index is not None:
+                for index in [i for i in state.chunk_map if i >= drop_from_index]:
+                    del state.chunk_map[index]
+            for index, ref in refs.items():
+                if ref is None:
+                    state.chunk_map.pop(index, None)
+                else:
+                    state.chunk_map[index] = ref
+        state.committed_size = size
+        await self._reclaim(reclaimable)
+
+    def _ensure_stored(self, data_by_digest: dict[bytes, bytearray], digests: list[bytes]) -> None:
+        """Worker thread, inside the commit: re-store chunks a concurrent reclaim may have removed."""
+        for digest in digests:
+            self.store.put(self.namespace, digest, data_by_digest[digest])
+        self.store.sync()
+
+    def _drop_buffers(self, state: FileState) -> None:
+        released = self._buffered(state)
+        state.dirty.clear()
+        state.pending.clear()
+        state.mtime_ns = None
+        state.size = state.committed_size
+        if released:
+            self.budget.release(released)
+
+    async def _reclaim(self, chunks: list[ReclaimableChunk]) -> None:
+        """Delete the bytes of chunks whose last reference is gone (after that commit)."""
+        if not chunks:
+            return
+        try:
+            await self._meta(self.meta.reclaim, [c.id for c in chunks], self._delete_chunks)
+        except DfsfsError as error:
+            log.warning("could not reclaim %d chunks now (fsck will): %s", len(chunks), error)
+        for chunk in chunks:
+            self.cache.discard(chunk.digest)
+
+    def _delete_chunks(self, digests: list[bytes]) -> None:
+        for digest in digests:
+            self.store.delete(self.namespace, digest)
+
+    async def _truncate(self, ino: int, new_size: int) -> None:
+        if new_size < 0:
+            raise InvalidArgumentError("negative size")
+        state = self._states.get(ino)
+        temporary = state is None
+        if temporary:
+            state = FileState(await self._meta(self.meta.get_attrs, ino))
+            self._states[ino] = state
+        try:
+            async with state.lock:
+                await self._commit(state)
+                await self._truncate_committed(state, new_size)
+        finally:
+            if temporary and not state.open_handles:
+                self._states.pop(ino, None)
+
+    async def _truncate_committed(self, state: FileState, new_size: int) -> None:
+        chunk_size = self.settings.chunk_size
+        boundary, remainder = divmod(new_size, chunk_size)
+        chunks = {}
+        drop_from = None
+        if new_size < state.committed_size:
+            drop_from = boundary + (1 if remainder else 0)
+            if remainder:
+                content = await self._chunk_content(state, boundary)
+                if len(content) > remainder:
+                    kept = bytearray(content[:remainder])
+                    chunks[boundary] = (await self._chunks(self._store_chunk, kept), kept)
+        await self._commit_chunks(state, chunks, new_size, time.time_ns(), drop_from)
+        state.size = new_size
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    async def read(self, fh: int, offset: int, length: int) -> bytes:
+        state = self._handle(fh).state
+        end = min(offset + length, state.size)
+        if offset >= end:
+            return b""
+        chunk_size = self.settings.chunk_size
+        pieces = []
+        for index in range(offset // chunk_size, (end - 1) // chunk_size + 1):
+            chunk_start = index * chunk_size
+            low = max(offset, chunk_start) - chunk_start
+            high = min(end, chunk_start + chunk_size) - chunk_start
+            content = await self._chunk_content(state, index)
+            piece = content[low:high]
+            if len(piece) < high - low:
+                piece = bytes(piece) + bytes(high - low - len(piece))
+            pieces.append(piece)
+        if offset == state.last_read_end or offset == 0:
+            self._read_ahead(state, end)
+        state.last_read_end = end
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def _chunk_content(self, state: FileState, index: int):
+        """A chunk's current bytes (buffered, else stored and verified); b'' for a hole."""
+        buffer = state.dirty.get(index)
+        if buffer is not None:
+            return buffer
+        pending = state.pending.get(index)
+        if pending is not None:
+            return pending.data
+        ref = (await self._chunk_map(state)).get(index)
+        if ref is None:
+            return b""
+        return await self._fetch(ref.digest)
+
+    async def _chunk_map(self, state: FileState) -> dict[int, ChunkRef]:
+        if state.chunk_map is None:
+            state.chunk_map = await self._meta(self.meta.chunk_map, state.ino)
+        return state.chunk_map
+
+    async def _fetch(self, digest: bytes) -> bytes:
+        while True:
+            data = self.cache.get(digest)
+            if data is not None:
+                return data
+            fetching = self._fetching.get(digest)
+            if fetching is None:
+                break
+            await fetching.wait()
+        done = self._fetching[digest] = trio.Event()
+        try:
+            data = await self._chunks(self.store.get, self.namespace, digest)
+            self.cache.put(digest, data)
+            return data
+        finally:
+            del self._fetching[digest]
+            done.set()
+
+    def _read_ahead(self, state: FileState, end: int) -> None:
+        if state.chunk_map is None or self._nursery is None:
+            return
+        first = end // self.settings.chunk_size
+        for index in range(first, first + self.settings.readahead_chunks + 1):
+            ref = state.chunk_map.get(index)
+            if ref is not None and ref.digest not in self._fetching and self.cache.get(ref.digest) is None:
+                self._nursery.start_soon(self._prefetch, ref.digest)
+
+    async def _prefetch(self, digest: bytes) -> None:
+        try:
+            await self._fetch(digest)
+        except DfsfsError as error:
+            log.info("readahead failed (the read itself will report it): %s", error)
+
+    # ---- extended attributes ---------------------------------------------------------------
+
+    async def get_xattr(self, ino: int, name: bytes) -> bytes:
+        _check_xattr_name(name)
+        return await self._meta(self.meta.get_xattr, ino, name)
+
+    async def list_xattrs(self, ino: int) -> list[bytes]:
+        return await self._meta(self.meta.list_xattrs, ino)
+
+    async def set_xattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        _check_xattr_name(name)
+        if len(value) > XATTR_SIZE_MAX:
+            raise InvalidArgumentError("attribute value too large")
+        await self._meta(self.meta.set_xattr, ino, name, value, flags, time.time_ns())
+
+    async def remove_xattr(self, ino: int, name: bytes) -> None:
+        _check_xattr_name(name)
+        await self._meta(self.meta.remove_xattr, ino, name, time.time_ns())
+
+    # ---- usage -----------------------------------------------------------------------------------
+
+    async def usage(self) -> Usage:
+        """The user's usage counters, cached briefly: file managers call statfs often."""
+        now = time.monotonic()
+        if self._usage is None or now - self._usage[0] > self.settings.statfs_cache_s:
+            self._usage = (now, await self._meta(self.meta.usage))
+        return self._usage[1]
+
+    async def capacity(self) -> Capacity:
+        usage = await self.usage()
+        store_total, store_free = (
+            await trio.to_thread.run_sync(self.capacity_probe) if self.capacity_probe else (0, 0)
+        )
+        if usage.quota_bytes is not None:
+            total = usage.quota_bytes
+            free = max(0, min(total - usage.logical_bytes, store_free or total))
+        else:
+            total, free = store_total, store_free
+        if usage.quota_inodes is not None:
+            total_inodes = usage.quota_inodes
+        else:
+            total_inodes = max(usage.inodes + 1_000_000, 2 * usage.inodes)
+        return Capacity(total, free, total_inodes, max(0, total_inodes - usage.inodes))
+
+    # ---- the flusher ----------------------------------------------------------------------------
+
+    async def _flusher(self) -> None:
+        """Commit writes that sat idle too long, and everything when memory runs short."""
+        while True:
+            with trio.move_on_after(1.0):
+                await self.budget.pressure.wait()
+            pressure = self.budget.pressure.is_set()
+            if pressure:
+                self.budget.pressure = trio.Event()
+            now = time.monotonic()
+            for state in sorted(self._states.values(), key=lambda s: -s.pending_bytes):
+                idle = now - state.last_write > self.settings.flush_interval_s
+                if state.has_uncommitted and not state.committing and (pressure or idle):
+                    self._nursery.start_soon(self._commit_in_background, state)
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise NameTooLongError("file name longer than 255 bytes")
+    if not name or b"/" in name or b"\0" in name:
+        raise InvalidArgumentError("invalid file name")
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if name in UNSUPPORTED_XATTRS:
+        raise NotSupportedError("POSIX ACLs are not supported")
+    if not name or len(name) > NAME_MAX:
+        raise InvalidArgumentError("invalid attribute name")
+
+
+def _as_storage_error(error: BaseException) -> DfsfsError:
+    if isinstance(error, DfsfsError):
+        return error
+    if isinstance(error, OSError):
+        return StorageError(f"chunk store: {os.strerror(error.errno or 5)}")
+    return StorageError(f"chunk store: {error}")

@@ -1,0 +1,242 @@
+"""pyfuse3 Operations: translate kernel requests to FileSystem calls and errors to errnos.
+
+No file-system logic lives here. Kernel inode 1 is the user's root directory; every
+other kernel inode number is the metadata inode id plus one, so the two never collide.
+"""
+
+import errno
+import functools
+import logging
+import stat as stat_module
+
+import pyfuse3
+import trio
+
+from dfsfs.core.filesystem import FileSystem
+from dfsfs.errors import DfsfsError
+from dfsfs.meta.store import Attrs
+
+log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 4096
+
+
+def errno_boundary(operation):
+    """The one place exceptions become errnos; unexpected ones are logged and become EIO."""
+
+    @functools.wraps(operation)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await operation(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except DfsfsError as error:
+            if error.errno == errno.EIO:
+                log.error("%s: %s", operation.__name__, error)
+            raise pyfuse3.FUSEError(error.errno) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("unexpected error in %s%r", operation.__name__, args[1:3])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, fs: FileSystem, attr_timeout_s: float, entry_timeout_s: float):
+        super().__init__()
+        self.fs = fs
+        self.attr_timeout_s = attr_timeout_s
+        self.entry_timeout_s = entry_timeout_s
+
+    # ---- inode numbers and attributes ----------------------------------------------
+
+    def _ino(self, kernel_ino: int) -> int:
+        return self.fs.root_ino if kernel_ino == pyfuse3.ROOT_INODE else kernel_ino - 1
+
+    def _kernel_ino(self, ino: int) -> int:
+        return pyfuse3.ROOT_INODE if ino == self.fs.root_ino else ino + 1
+
+    def _entry(self, attrs: Attrs) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = self._kernel_ino(attrs.ino)
+        entry.generation = 0
+        entry.entry_timeout = self.entry_timeout_s
+        entry.attr_timeout = self.attr_timeout_s
+        entry.st_mode = attrs.mode
+        entry.st_nlink = attrs.nlink
+        entry.st_uid = attrs.uid
+        entry.st_gid = attrs.gid
+        entry.st_rdev = attrs.rdev
+        entry.st_size = attrs.size
+        entry.st_blksize = self.fs.settings.chunk_size  # cp and friends size their I/O by it
+        entry.st_blocks = (attrs.size + 511) // 512
+        entry.st_atime_ns = attrs.atime_ns
+        entry.st_mtime_ns = attrs.mtime_ns
+        entry.st_ctime_ns = attrs.ctime_ns
+        return entry
+
+    # ---- names -----------------------------------------------------------------------
+
+    @errno_boundary
+    async def lookup(self, parent_inode, name, ctx=None):
+        if name == b".":
+            return await self.getattr(parent_inode)
+        return self._entry(await self.fs.lookup(self._ino(parent_inode), name))
+
+    @errno_boundary
+    async def getattr(self, inode, ctx=None):
+        return self._entry(await self.fs.getattr(self._ino(inode)))
+
+    @errno_boundary
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        changes = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        size = attr.st_size if fields.update_size else None
+        return self._entry(await self.fs.setattr(self._ino(inode), ctx.uid, size=size, **changes))
+
+    @errno_boundary
+    async def readlink(self, inode, ctx):
+        return await self.fs.readlink(self._ino(inode))
+
+    @errno_boundary
+    async def opendir(self, inode, ctx):
+        return inode
+
+    @errno_boundary
+    async def readdir(self, fh, start_id, token):
+        batch = 256
+        after = start_id
+        while True:
+            entries = await self.fs.readdir(self._ino(fh), after, batch)
+            for entry_id, name, attrs in entries:
+                if not pyfuse3.readdir_reply(token, name, self._entry(attrs), entry_id):
+                    return
+                after = entry_id
+            if len(entries) < batch:
+                return
+
+    @errno_boundary
+    async def releasedir(self, fh):
+        return None
+
+    @errno_boundary
+    async def fsyncdir(self, fh, datasync):
+        return None  # every namespace change is committed before it is acknowledged
+
+    @errno_boundary
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        attrs = await self.fs.make_node(self._ino(parent_inode), name, mode, ctx.uid, ctx.gid, rdev)
+        return self._entry(attrs)
+
+    @errno_boundary
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        mode = stat_module.S_IFDIR | (mode & 0o7777 & ~ctx.umask)
+        attrs = await self.fs.make_node(self._ino(parent_inode), name, mode, ctx.uid, ctx.gid)
+        return self._entry(attrs)
+
+    @errno_boundary
+    async def symlink(self, parent_inode, name, target, ctx):
+        mode = stat_module.S_IFLNK | 0o777
+        attrs = await self.fs.make_node(self._ino(parent_inode), name, mode, ctx.uid, ctx.gid,
+                                        target=target)
+        return self._entry(attrs)
+
+    @errno_boundary
+    async def unlink(self, parent_inode, name, ctx):
+        await self.fs.unlink(self._ino(parent_inode), name)
+
+    @errno_boundary
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.fs.unlink(self._ino(parent_inode), name, directory=True)
+
+    @errno_boundary
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.fs.rename(self._ino(parent_inode_old), name_old, self._ino(parent_inode_new),
+                             name_new, flags)
+
+    @errno_boundary
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        attrs = await self.fs.link(self._ino(inode), self._ino(new_parent_inode), new_name)
+        return self._entry(attrs)
+
+    # ---- files -------------------------------------------------------------------------
+
+    @errno_boundary
+    async def open(self, inode, flags, ctx):
+        return pyfuse3.FileInfo(fh=await self.fs.open(self._ino(inode), flags))
+
+    @errno_boundary
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        mode = mode & ~ctx.umask
+        fh, attrs = await self.fs.create(self._ino(parent_inode), name, mode, ctx.uid, ctx.gid, flags)
+        return pyfuse3.FileInfo(fh=fh), self._entry(attrs)
+
+    @errno_boundary
+    async def read(self, fh, off, size):
+        return await self.fs.read(fh, off, size)
+
+    @errno_boundary
+    async def write(self, fh, off, buf):
+        return await self.fs.write(fh, off, buf)
+
+    @errno_boundary
+    async def flush(self, fh):
+        await self.fs.flush(fh)
+
+    @errno_boundary
+    async def fsync(self, fh, datasync):
+        await self.fs.flush(fh)
+
+    @errno_boundary
+    async def release(self, fh):
+        await self.fs.release(fh)
+
+    # ---- extended attributes -----------------------------------------------------------
+
+    @errno_boundary
+    async def getxattr(self, inode, name, ctx):
+        return await self.fs.get_xattr(self._ino(inode), name)
+
+    @errno_boundary
+    async def setxattr(self, inode, name, value, ctx):
+        await self.fs.set_xattr(self._ino(inode), name, value, 0)
+
+    @errno_boundary
+    async def listxattr(self, inode, ctx):
+        return await self.fs.list_xattrs(self._ino(inode))
+
+    @errno_boundary
+    async def removexattr(self, inode, name, ctx):
+        await self.fs.remove_xattr(self._ino(inode), name)
+
+    # ---- the file system as a whole -------------------------------------------------------
+
+    @errno_boundary
+    async def statfs(self, ctx):
+        capacity = await self.fs.capacity()
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = BLOCK_SIZE
+        stats.f_blocks = capacity.total_bytes // BLOCK_SIZE
+        stats.f_bfree = stats.f_bavail = capacity.free_bytes // BLOCK_SIZE
+        stats.f_files = capacity.total_inodes
+        stats.f_ffree = stats.f_favail = capacity.free_inodes
+        stats.f_namemax = 255
+        return stats
+
+    async def forget(self, inode_list):
+        return None  # inodes are freed when their last name and open handle are gone
+
