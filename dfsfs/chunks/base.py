@@ -16,10 +16,15 @@ DIGEST_SIZE = 32
 
 def check_key(namespace: int, digest: bytes) -> None:
     """Refuse anything that is not a user id and a 32-byte digest."""
-    if type(namespace) is not int or namespace < 0:
-        raise InvalidKeyError(f"chunk namespace must be a non-negative int, not {namespace!r}")
+    check_namespace(namespace)
     if type(digest) is not bytes or len(digest) != DIGEST_SIZE:
         raise InvalidKeyError("chunk digest must be 32 bytes of SHA-256")
+
+
+def check_namespace(namespace: int) -> None:
+    """Refuse anything that is not a user id (a non-negative int)."""
+    if type(namespace) is not int or namespace < 0:
+        raise InvalidKeyError(f"chunk namespace must be a non-negative int, not {namespace!r}")
 
 
 def digest_of(data: bytes | bytearray | memoryview) -> bytes:
@@ -67,3 +72,7 @@ class ChunkStore(abc.ABC):
 
 class ChunkMissingError(KeyError):
     """The store holds no chunk under that key."""
+
+
+def missing_message(store_name: str, namespace: int, digest: bytes) -> str:
+    return f"{store_name}: no chunk {digest.hex()} in namespace {namespace}"
