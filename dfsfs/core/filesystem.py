@@ -23,12 +23,14 @@ from dfsfs.core.caches import ReadCache, WriteBudget
 from dfsfs.errors import (
     DfsfsError,
     InvalidArgumentError,
+    IsDirectoryError,
     NameTooLongError,
+    NoAttributeError,
     NotSupportedError,
     PermissionDeniedError,
     StorageError,
 )
-from dfsfs.meta.store import Attrs, ChunkRef, MetadataStore, ReclaimableChunk, Usage
+from dfsfs.meta.store import Attrs, ChunkRef, MetadataStore, ReclaimableChunk, Removal, Usage
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ NAME_MAX = 255
 PATH_MAX = 4096
 XATTR_SIZE_MAX = 65536
 UNSUPPORTED_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+MAP_AT_OPEN_CHUNKS = 64  # files up to this many chunks get their chunk map with their attrs
+CAPABILITY_XATTR = b"security.capability"  # asked for by the kernel before writes
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class CoreSettings:
     commit_batch_bytes: int = 32 << 20  # commit full chunks in batches of this size
     flush_interval_s: float = 5.0  # commit buffered writes idle this long
     statfs_cache_s: float = 2.0
+    missing_xattr_cache_s: float = 1.0  # the kernel asks for security.capability before every write
     thread_limit: int = 8
 
 
@@ -65,7 +70,7 @@ class PendingChunk:
 
     __slots__ = ("data", "ref", "error", "done")
 
-    def __init__(self, data: bytearray):
+    def __init__(self, data: bytes | bytearray):
         self.data = data
         self.ref: ChunkRef | None = None  # None with no error: an all-zero chunk (a hole)
         self.error: BaseException | None = None
@@ -77,6 +82,7 @@ class FileState:
 
     def __init__(self, attrs: Attrs):
         self.ino = attrs.ino
+        self.attrs = attrs  # as last read or changed by this mount; serves getattr while open
         self.size = attrs.size  # logical size including buffered writes
         self.committed_size = attrs.size
         self.mtime_ns: int | None = None  # set by buffered writes until committed
@@ -85,11 +91,13 @@ class FileState:
         self.chunk_map: dict[int, ChunkRef] | None = None
         self.open_handles = 0
         self.unlinked = False
-        self.lock = trio.Lock()
+        self.lock = trio.Lock()  # serialises writes (which may await old chunk content)
+        self.commit_lock = trio.Lock()  # serialises commits, so they land in order
+        self.write_seq = 0  # counts writes, to tell whether a commit saw the latest
         self.last_write = 0.0
         self.last_read_end = -1
         self.error: BaseException | None = None  # a background commit failure, reported later
-        self.committing = False
+        self.commit_scheduled = False
 
     @property
     def has_uncommitted(self) -> bool:
@@ -131,6 +139,7 @@ class FileSystem:
         self._next_fh = 1
         self._fetching: dict[bytes, trio.Event] = {}
         self._usage: tuple[float, Usage] | None = None
+        self._missing_xattrs: dict[tuple[int, bytes], float] = {}  # (ino, name) -> expiry
         self._nursery: trio.Nursery | None = None
         self._zeros = bytes(settings.chunk_size)
 
@@ -146,8 +155,7 @@ class FileSystem:
     async def flush_all(self) -> None:
         """Commit every buffered write (unmount, SIGTERM)."""
         for state in list(self._states.values()):
-            async with state.lock:
-                await self._commit(state)
+            await self._commit(state)
 
     async def _meta(self, function, *args, **kwargs):
         return await trio.to_thread.run_sync(
@@ -164,12 +172,18 @@ class FileSystem:
         return self._overlay(await self._meta(self.meta.lookup, parent_ino, name))
 
     async def getattr(self, ino: int) -> Attrs:
+        state = self._states.get(ino)
+        if state is not None and state.open_handles:
+            return self._overlay(state.attrs)  # close-to-open: an open file's attrs are ours
         return self._overlay(await self._meta(self.meta.get_attrs, ino))
 
     def _overlay(self, attrs: Attrs) -> Attrs:
         """Attributes as this mount sees them: buffered writes change size and mtime."""
         state = self._states.get(attrs.ino)
-        if state is None or not state.has_uncommitted:
+        if state is None:
+            return attrs
+        state.attrs = attrs
+        if not state.has_uncommitted:
             return attrs
         mtime = state.mtime_ns if state.mtime_ns is not None else attrs.mtime_ns
         return replace(attrs, size=state.size, mtime_ns=mtime, ctime_ns=max(attrs.ctime_ns, mtime))
@@ -187,8 +201,7 @@ class FileSystem:
         if changes:
             state = self._states.get(ino)
             if state is not None and "mtime_ns" in changes:
-                async with state.lock:
-                    await self._commit(state)  # a later explicit mtime must win
+                await self._commit(state)  # a later explicit mtime must win
             return self._overlay(await self._meta(self.meta.set_attrs, ino, time.time_ns(), **changes))
         return await self.getattr(ino)
 
@@ -215,6 +228,7 @@ class FileSystem:
     async def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
                      flags: int) -> tuple[int, Attrs]:
         attrs = await self.make_node(parent_ino, name, stat_module.S_IFREG | (mode & 0o7777), uid, gid)
+        self._remember_missing_xattr(attrs.ino, CAPABILITY_XATTR)  # a new file has no xattrs
         return self._open_state(attrs, flags), attrs
 
     async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attrs:
@@ -225,34 +239,40 @@ class FileSystem:
 
     async def unlink(self, parent_ino: int, name: bytes, *, directory: bool = False) -> None:
         _check_name(name)
-        attrs = await self._meta(self.meta.unlink, parent_ino, name, time.time_ns(),
-                                 directory=directory)
-        await self._released_link(attrs)
+        removal = await self._meta(self.meta.unlink, parent_ino, name, time.time_ns(),
+                                   directory=directory, open_inos=self._open_inos())
+        self._removed(removal)
 
     async def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
                      new_name: bytes, flags: int) -> None:
         _check_name(old_name)
         _check_name(new_name)
-        replaced = await self._meta(self.meta.rename, old_parent_ino, old_name, new_parent_ino,
-                                    new_name, flags, time.time_ns())
-        if replaced is not None:
-            await self._released_link(replaced)
+        removal = await self._meta(self.meta.rename, old_parent_ino, old_name, new_parent_ino,
+                                   new_name, flags, time.time_ns(), self._open_inos())
+        if removal is not None:
+            self._removed(removal)
 
-    async def _released_link(self, attrs: Attrs) -> None:
-        """After a name went away: free the inode when no name and no open handle is left."""
-        if attrs.nlink > 0:
-            return
-        state = self._states.get(attrs.ino)
-        if state is not None and state.open_handles:
+    def _open_inos(self) -> frozenset[int]:
+        return frozenset(ino for ino, state in self._states.items() if state.open_handles)
+
+    def _removed(self, removal: Removal) -> None:
+        """After a name went away: forget a purged inode; an open one goes at its last close."""
+        state = self._states.get(removal.attrs.ino)
+        if state is not None:
+            state.attrs = removal.attrs
+        if removal.purged:
+            if state is not None:
+                self._states.pop(removal.attrs.ino)
+                self._drop_buffers(state)
+            self._reclaim_soon(removal.reclaimable)
+        elif removal.attrs.nlink == 0 and state is not None:
             state.unlinked = True
-            return
-        await self._purge(attrs.ino)
 
     async def _purge(self, ino: int) -> None:
         state = self._states.pop(ino, None)
         if state is not None:
             self._drop_buffers(state)
-        await self._reclaim(await self._meta(self.meta.purge, ino))
+        self._reclaim_soon(await self._meta(self.meta.purge, ino))
 
     # ---- open files ------------------------------------------------------------------------
 
@@ -260,15 +280,17 @@ class FileSystem:
         state = self._states.get(ino)
         if state is None or not state.has_uncommitted:
             # Close-to-open: what other mounts committed is visible to the next open.
-            attrs = await self._meta(self.meta.get_attrs, ino)
+            attrs, chunk_map = await self._meta(self.meta.open_file, ino, MAP_AT_OPEN_CHUNKS *
+                                                self.settings.chunk_size)
             if stat_module.S_ISDIR(attrs.mode):
-                raise InvalidArgumentError("is a directory")
+                raise IsDirectoryError("is a directory")
             state = self._states.get(ino)
             if state is None:
-                return self._open_state(attrs, flags)
+                state = self._states[ino] = FileState(attrs)
             if not state.has_uncommitted:
+                state.attrs = attrs
                 state.size = state.committed_size = attrs.size
-                state.chunk_map = None
+                state.chunk_map = chunk_map
         return self._add_handle(state, flags)
 
     def _open_state(self, attrs: Attrs, flags: int) -> int:
@@ -293,9 +315,7 @@ class FileSystem:
 
     async def flush(self, fh: int) -> None:
         """close(2) and fsync(2): data and metadata are durable when this returns."""
-        state = self._handle(fh).state
-        async with state.lock:
-            await self._commit(state)
+        await self._commit(self._handle(fh).state)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
@@ -309,8 +329,7 @@ class FileSystem:
             await self._purge(state.ino)
             return
         try:
-            async with state.lock:
-                await self._commit(state)
+            await self._commit(state)
         finally:
             if not state.open_handles and not state.has_uncommitted:
                 self._states.pop(state.ino, None)
@@ -318,8 +337,7 @@ class FileSystem:
     async def _commit_if_open(self, ino: int) -> None:
         state = self._states.get(ino)
         if state is not None:
-            async with state.lock:
-                await self._commit(state)
+            await self._commit(state)
 
     # ---- writing ------------------------------------------------------------------------------
 
@@ -333,8 +351,8 @@ class FileSystem:
                 await self._write_locked(state, offset, data)
             finally:
                 self._settle_budget(len(data), self._buffered(state) - before)
-        if state.pending_bytes >= self.settings.commit_batch_bytes and not state.committing:
-            self._nursery.start_soon(self._commit_in_background, state)
+        if state.pending_bytes >= self.settings.commit_batch_bytes:
+            self._schedule_commit(state, stored_only=True)
         return len(data)
 
     def _buffered(self, state: FileState) -> int:
@@ -354,6 +372,12 @@ class FileSystem:
             index, chunk_offset = divmod(position, chunk_size)
             piece = view[: chunk_size - chunk_offset]
             buffer = state.dirty.get(index)
+            if buffer is None and chunk_offset == 0 and len(piece) == chunk_size:
+                # A whole chunk (the usual streaming write): no copy, straight to storage.
+                self._seal_data(state, index, data if len(data) == chunk_size else bytes(piece))
+                position += chunk_size
+                view = view[chunk_size:]
+                continue
             if buffer is None:
                 buffer = await self._start_buffer(state, index, chunk_offset, len(piece))
             if chunk_offset > len(buffer):
@@ -364,6 +388,7 @@ class FileSystem:
             position += len(piece)
             view = view[len(piece):]
         state.size = max(state.size, offset + len(data))
+        state.write_seq += 1
         state.mtime_ns = time.time_ns()
         state.last_write = time.monotonic()
 
@@ -382,10 +407,12 @@ class FileSystem:
         return buffer
 
     def _seal(self, state: FileState, index: int) -> None:
-        """Hand a chunk buffer to the background: hash and store it now, commit it later."""
-        buffer = state.dirty.pop(index)
+        self._seal_data(state, index, state.dirty.pop(index))
+
+    def _seal_data(self, state: FileState, index: int, data: bytes | bytearray) -> None:
+        """Hand a chunk's bytes to the background: hash and store them now, commit later."""
         replaced = state.pending.get(index)
-        pending = state.pending[index] = PendingChunk(buffer)
+        pending = state.pending[index] = PendingChunk(data)
         if replaced is not None:
             self.budget.release(len(replaced.data))
         self._nursery.start_soon(self._store_pending, pending)
@@ -411,44 +438,64 @@ class FileSystem:
             return not data
         return data == self._zeros[: len(data)]
 
-    async def _commit_in_background(self, state: FileState) -> None:
+    def _schedule_commit(self, state: FileState, stored_only: bool = False) -> None:
+        if not state.commit_scheduled:
+            state.commit_scheduled = True
+            self._nursery.start_soon(self._commit_in_background, state, stored_only)
+
+    async def _commit_in_background(self, state: FileState, stored_only: bool) -> None:
         try:
-            async with state.lock:
-                await self._commit(state)
+            await self._commit(state, stored_only=stored_only)
         except Exception as error:  # noqa: BLE001 - reported at the file's next flush
             log.warning("background commit of inode %d failed: %s", state.ino, error)
             state.error = error
+        finally:
+            state.commit_scheduled = False
 
     def _raise_deferred_error(self, state: FileState) -> None:
         if state.error is not None:
             error, state.error = state.error, None
             raise error
 
-    async def _commit(self, state: FileState) -> None:
-        """Make every buffered write of `state` durable and visible. Caller holds state.lock."""
-        self._raise_deferred_error(state)
-        if not state.has_uncommitted:
-            return
-        state.committing = True
-        try:
-            for index in list(state.dirty):
-                self._seal(state, index)
-            batch = dict(state.pending)
-            for pending in batch.values():
-                await pending.done.wait()
-            failed = [p.error for p in batch.values() if p.error is not None]
-            if failed:
-                self._drop_buffers(state)
-                raise _as_storage_error(failed[0])
-            chunks = {index: (p.ref, p.data) for index, p in batch.items()}
-            await self._commit_chunks(state, chunks, state.size, state.mtime_ns)
-            for index, pending in batch.items():
-                if state.pending.get(index) is pending:
-                    del state.pending[index]
+    async def _commit(self, state: FileState, stored_only: bool = False) -> None:
+        """Make buffered writes of `state` durable and visible.
+
+        By default everything written so far (flush, fsync, close). With `stored_only`,
+        only chunks already stored, without waiting: a streaming writer's batches then
+        commit behind it, as a growing prefix of the file, while it goes on writing.
+        """
+        async with state.commit_lock:
+            self._raise_deferred_error(state)
+            if not state.has_uncommitted:
+                return
+            seen_seq = state.write_seq
+            if stored_only:
+                batch = {i: p for i, p in state.pending.items() if p.done.is_set() and p.error is None}
+                size = min(state.size, max(
+                    [state.committed_size] + [i * self.settings.chunk_size + len(p.data)
+                                              for i, p in batch.items()]))
+            else:
+                for index in list(state.dirty):
+                    self._seal(state, index)
+                batch = dict(state.pending)
+                size = state.size
+            await self._commit_batch(state, batch, size)
+            if state.write_seq == seen_seq and not state.dirty and not state.pending:
+                state.mtime_ns = None
+
+    async def _commit_batch(self, state: FileState, batch: dict[int, PendingChunk], size: int) -> None:
+        for pending in batch.values():
+            await pending.done.wait()
+        failed = [p.error for p in batch.values() if p.error is not None]
+        if failed:
+            self._drop_buffers(state)
+            raise _as_storage_error(failed[0])
+        chunks = {index: (p.ref, p.data) for index, p in batch.items()}
+        await self._commit_chunks(state, chunks, size, state.mtime_ns)
+        for index, pending in batch.items():
+            if state.pending.get(index) is pending:  # not replaced by a newer version meanwhile
+                del state.pending[index]
                 self.budget.release(len(pending.data))
-            state.mtime_ns = None
-        finally:
-            state.committing = False
 
     async def _commit_chunks(self, state: FileState, chunks: dict, size: int,
                              mtime_ns: int | None, drop_from_index: int | None = None) -> None:
@@ -470,7 +517,9 @@ class FileSystem:
                 else:
                     state.chunk_map[index] = ref
         state.committed_size = size
-        await self._reclaim(reclaimable)
+        times = {} if mtime_ns is None else {"mtime_ns": mtime_ns, "ctime_ns": mtime_ns}
+        state.attrs = replace(state.attrs, size=size, **times)
+        self._reclaim_soon(reclaimable)
 
     def _ensure_stored(self, data_by_digest: dict[bytes, bytearray], digests: list[bytes]) -> None:
         """Worker thread, inside the commit: re-store chunks a concurrent reclaim may have removed."""
@@ -486,6 +535,11 @@ class FileSystem:
         state.size = state.committed_size
         if released:
             self.budget.release(released)
+
+    def _reclaim_soon(self, chunks: list[ReclaimableChunk]) -> None:
+        """Free chunk bytes in the background: nobody waits for space to come back."""
+        if chunks:
+            self._nursery.start_soon(self._reclaim, chunks)
 
     async def _reclaim(self, chunks: list[ReclaimableChunk]) -> None:
         """Delete the bytes of chunks whose last reference is gone (after that commit)."""
@@ -513,7 +567,8 @@ class FileSystem:
         try:
             async with state.lock:
                 await self._commit(state)
-                await self._truncate_committed(state, new_size)
+                async with state.commit_lock:
+                    await self._truncate_committed(state, new_size)
         finally:
             if temporary and not state.open_handles:
                 self._states.pop(ino, None)
@@ -611,7 +666,19 @@ class FileSystem:
 
     async def get_xattr(self, ino: int, name: bytes) -> bytes:
         _check_xattr_name(name)
-        return await self._meta(self.meta.get_xattr, ino, name)
+        key = (ino, name)
+        if self._missing_xattrs.get(key, 0.0) > time.monotonic():
+            raise NoAttributeError("no such attribute")
+        try:
+            return await self._meta(self.meta.get_xattr, ino, name)
+        except NoAttributeError:
+            self._remember_missing_xattr(ino, name)
+            raise
+
+    def _remember_missing_xattr(self, ino: int, name: bytes) -> None:
+        if len(self._missing_xattrs) > 10_000:
+            self._missing_xattrs.clear()
+        self._missing_xattrs[(ino, name)] = time.monotonic() + self.settings.missing_xattr_cache_s
 
     async def list_xattrs(self, ino: int) -> list[bytes]:
         return await self._meta(self.meta.list_xattrs, ino)
@@ -620,6 +687,7 @@ class FileSystem:
         _check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise InvalidArgumentError("attribute value too large")
+        self._missing_xattrs.pop((ino, name), None)
         await self._meta(self.meta.set_xattr, ino, name, value, flags, time.time_ns())
 
     async def remove_xattr(self, ino: int, name: bytes) -> None:
@@ -664,8 +732,8 @@ class FileSystem:
             now = time.monotonic()
             for state in sorted(self._states.values(), key=lambda s: -s.pending_bytes):
                 idle = now - state.last_write > self.settings.flush_interval_s
-                if state.has_uncommitted and not state.committing and (pressure or idle):
-                    self._nursery.start_soon(self._commit_in_background, state)
+                if state.has_uncommitted and (pressure or idle):
+                    self._schedule_commit(state)
 
 
 def _check_name(name: bytes) -> None:

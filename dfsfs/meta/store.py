@@ -7,14 +7,16 @@ forgot its filter could not reach another user's rows. Blocking: callers run the
 worker threads.
 """
 
+import functools
+import re
 import stat as stat_module
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
-import sqlalchemy as sa
+import psycopg2
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError
 
 from dfsfs.errors import (
     ExistsError,
@@ -26,9 +28,8 @@ from dfsfs.errors import (
     NotFoundError,
     QuotaExceededError,
 )
-from dfsfs.meta.db import run_transaction, sqlstate
+from dfsfs.meta.db import run_transaction
 
-UNIQUE_VIOLATION = "23505"
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
@@ -87,6 +88,56 @@ class ReclaimableChunk:
     digest: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """What removing a name did to its inode."""
+
+    attrs: Attrs  # after the removal
+    purged: bool  # the inode had no name and no open handle left, and is gone
+    reclaimable: list[ReclaimableChunk]  # chunks left without references, for `reclaim`
+
+
+_NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
+
+
+@functools.lru_cache(maxsize=512)
+def _pyformat(sql: str) -> str:
+    """':name' parameters as psycopg2's '%(name)s'."""
+    return _NAMED_PARAMETER.sub(r"%(\1)s", sql)
+
+
+class _Result:
+    """The few result accessors the store uses, over a DBAPI cursor."""
+
+    __slots__ = ("_cursor",)
+
+    def __init__(self, cursor):
+        self._cursor = cursor
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    def first(self):
+        return self._cursor.fetchone() if self._cursor.description else None
+
+    def one(self):
+        row = self.first()
+        if row is None:
+            raise AssertionError("statement returned no row")
+        return row
+
+    def all(self) -> list:
+        return self._cursor.fetchall() if self._cursor.description else []
+
+    def scalar(self):
+        row = self.first()
+        return None if row is None else row[0]
+
+    def __iter__(self):
+        return iter(self.all())
+
+
 def _attrs(row) -> Attrs:
     return Attrs(*row[:10])
 
@@ -110,9 +161,19 @@ class MetadataStore:
     def _run(self, work: Callable[[Connection], object]):
         return run_transaction(self.engine, work)
 
-    def _exec(self, conn: Connection, sql: str, **params):
+    def _exec(self, conn: Connection, sql: str, **params) -> "_Result":
+        """Run one statement on the transaction's DBAPI connection (SQLAlchemy's statement
+        layer costs more than the query itself on these short, hot statements)."""
         params["uid"] = self.user_id
-        return conn.execute(sa.text(sql), params)
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(_pyformat(sql), params)
+        except psycopg2.Error as error:
+            disconnected = error.pgcode is None and isinstance(
+                error, (psycopg2.OperationalError, psycopg2.InterfaceError))
+            raise DBAPIError.instance(sql, params, error, psycopg2.Error,
+                                      connection_invalidated=disconnected) from error
+        return _Result(cursor)
 
     def _root_ino(self, conn: Connection) -> int:
         root = self._exec(conn, "SELECT root_ino FROM users WHERE id = :uid").scalar()
@@ -181,20 +242,30 @@ class MetadataStore:
 
         return self._run(work)
 
-    def chunk_map(self, ino: int) -> dict[int, ChunkRef]:
-        """Every stored chunk of a file by chunk index; absent indices are holes."""
+    def open_file(self, ino: int, map_up_to_size: int) -> tuple[Attrs, dict[int, ChunkRef] | None]:
+        """A file's attributes, and its chunk map too when the file is at most that large."""
 
         def work(conn):
-            rows = self._exec(
-                conn,
-                "SELECT fc.index, c.sha256, c.size FROM file_chunks fc"
-                " JOIN chunks c ON c.id = fc.chunk_id"
-                " WHERE fc.ino = :ino AND fc.user_id = :uid",
-                ino=ino,
-            )
-            return {index: ChunkRef(bytes(digest), size) for index, digest, size in rows}
+            attrs = self._get_attrs(conn, ino)
+            if attrs.size > map_up_to_size:
+                return attrs, None
+            return attrs, self._chunk_map(conn, ino)
 
         return self._run(work)
+
+    def chunk_map(self, ino: int) -> dict[int, ChunkRef]:
+        """Every stored chunk of a file by chunk index; absent indices are holes."""
+        return self._run(lambda conn: self._chunk_map(conn, ino))
+
+    def _chunk_map(self, conn: Connection, ino: int) -> dict[int, ChunkRef]:
+        rows = self._exec(
+            conn,
+            "SELECT fc.index, c.sha256, c.size FROM file_chunks fc"
+            " JOIN chunks c ON c.id = fc.chunk_id"
+            " WHERE fc.ino = :ino AND fc.user_id = :uid",
+            ino=ino,
+        )
+        return {index: ChunkRef(bytes(digest), size) for index, digest, size in rows}
 
     def usage(self) -> Usage:
         def work(conn):
@@ -230,8 +301,7 @@ class MetadataStore:
         """Create a file, directory, symlink or special file named `name` in a directory."""
 
         def work(conn):
-            self._require_dir(conn, parent_ino)
-            self._check_inode_quota(conn)
+            self._require_dir_with_inode_room(conn, parent_ino)
             is_dir = stat_module.S_ISDIR(mode)
             row = self._exec(
                 conn,
@@ -250,11 +320,28 @@ class MetadataStore:
             ).one()
             attrs = _attrs(row)
             self._insert_dentry(conn, parent_ino, name, attrs.ino)
-            self._touch_dir(conn, parent_ino, now_ns, nlink_delta=1 if is_dir else 0)
-            self._count(conn, **{_counter_column(mode): 1}, logical_bytes=attrs.size)
+            self._touch_dir(conn, parent_ino, now_ns, nlink_delta=1 if is_dir else 0,
+                            counts={_counter_column(mode): 1, "logical_bytes": attrs.size})
             return attrs
 
         return self._run(work)
+
+    def _require_dir_with_inode_room(self, conn: Connection, parent_ino: int) -> None:
+        """The parent must be a directory and the user below the inode quota (one query)."""
+        row = self._exec(
+            conn,
+            "SELECT p.mode, a.quota_inodes IS NOT NULL"
+            " AND u.files + u.directories + u.symlinks >= a.quota_inodes"
+            " FROM inodes p JOIN users a ON a.id = p.user_id JOIN usage u ON u.user_id = p.user_id"
+            " WHERE p.id = :parent AND p.user_id = :uid",
+            parent=parent_ino,
+        ).first()
+        if row is None:
+            raise NotFoundError(f"inode {parent_ino} does not exist")
+        if not stat_module.S_ISDIR(row[0]):
+            raise NotDirectoryError("not a directory")
+        if row[1]:
+            raise QuotaExceededError("inode quota exceeded")
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes, now_ns: int) -> Attrs:
         def work(conn):
@@ -277,11 +364,12 @@ class MetadataStore:
 
         return self._run(work)
 
-    def unlink(self, parent_ino: int, name: bytes, now_ns: int, *, directory: bool) -> Attrs:
-        """Remove a name (rmdir when `directory`); returns the target's attrs afterwards.
+    def unlink(self, parent_ino: int, name: bytes, now_ns: int, *, directory: bool,
+               open_inos: Container[int] = ()) -> Removal:
+        """Remove a name (rmdir when `directory`).
 
-        An inode whose nlink drops to 0 stays until `purge` (its contents remain
-        readable through handles that are still open).
+        An inode whose nlink drops to 0 is purged in the same transaction unless it is in
+        `open_inos`: then it stays, readable through its open handles, until `purge`.
         """
 
         def work(conn):
@@ -294,9 +382,16 @@ class MetadataStore:
                 name=name,
             )
             self._touch_dir(conn, parent_ino, now_ns, nlink_delta=-1 if target.is_dir else 0)
-            return self._drop_link(conn, target, now_ns)
+            return self._remove_link(conn, target, now_ns, open_inos)
 
         return self._run(work)
+
+    def _remove_link(self, conn: Connection, target: Attrs, now_ns: int,
+                     open_inos: Container[int]) -> Removal:
+        attrs = self._drop_link(conn, target, now_ns)
+        if attrs.nlink > 0 or attrs.ino in open_inos:
+            return Removal(attrs, False, [])
+        return Removal(attrs, True, self._purge(conn, attrs.ino))
 
     def _check_removable(self, conn: Connection, target: Attrs, directory: bool) -> None:
         if directory and not target.is_dir:
@@ -339,8 +434,9 @@ class MetadataStore:
         new_name: bytes,
         flags: int,
         now_ns: int,
-    ) -> Attrs | None:
-        """Rename atomically; returns the attrs of a replaced inode (to purge at nlink 0)."""
+        open_inos: Container[int] = (),
+    ) -> Removal | None:
+        """Rename atomically; returns what happened to a replaced inode (see `unlink`)."""
 
         def work(conn):
             source = self._lookup(conn, old_parent_ino, old_name)
@@ -369,7 +465,7 @@ class MetadataStore:
                 )
                 if target.is_dir:
                     self._touch_dir(conn, new_parent_ino, now_ns, nlink_delta=-1)
-                replaced = self._drop_link(conn, target, now_ns)
+                replaced = self._remove_link(conn, target, now_ns, open_inos)
             self._move_dentry(conn, old_parent_ino, old_name, new_parent_ino, new_name)
             self._touch_parents_after_move(conn, source, old_parent_ino, new_parent_ino, now_ns)
             return replaced
@@ -443,30 +539,30 @@ class MetadataStore:
         return None
 
     def _insert_dentry(self, conn: Connection, parent_ino: int, name: bytes, ino: int) -> None:
-        try:
-            with conn.begin_nested():
-                self._exec(
-                    conn,
-                    "INSERT INTO dentries (user_id, parent_ino, name, ino)"
-                    " VALUES (:uid, :parent, :name, :ino)",
-                    parent=parent_ino,
-                    name=name,
-                    ino=ino,
-                )
-        except IntegrityError as error:
-            if sqlstate(error) == UNIQUE_VIOLATION:
-                raise ExistsError("file exists") from None
-            raise
-
-    def _touch_dir(self, conn: Connection, ino: int, now_ns: int, nlink_delta: int = 0) -> None:
-        self._exec(
+        inserted = self._exec(
             conn,
-            "UPDATE inodes SET mtime_ns = :now, ctime_ns = :now, nlink = nlink + :delta"
-            " WHERE id = :ino AND user_id = :uid",
+            "INSERT INTO dentries (user_id, parent_ino, name, ino) VALUES (:uid, :parent, :name, :ino)"
+            " ON CONFLICT (parent_ino, name) DO NOTHING RETURNING id",
+            parent=parent_ino,
+            name=name,
             ino=ino,
-            now=now_ns,
-            delta=nlink_delta,
+        ).first()
+        if inserted is None:
+            raise ExistsError("file exists")  # the transaction rolls back what it did so far
+
+    def _touch_dir(self, conn: Connection, ino: int, now_ns: int, nlink_delta: int = 0,
+                   counts: dict[str, int] | None = None) -> None:
+        """Update a directory's times and link count, and usage counters, in one statement."""
+        counts = {column: delta for column, delta in (counts or {}).items() if delta}
+        touch = (
+            "UPDATE inodes SET mtime_ns = :now, ctime_ns = :now, nlink = nlink + :delta"
+            " WHERE id = :ino AND user_id = :uid"
         )
+        if counts:
+            assignments = ", ".join(f"{column} = {column} + :{column}" for column in counts)
+            touch = (f"WITH touched AS ({touch} RETURNING 1)"
+                     f" UPDATE usage SET {assignments} WHERE user_id = :uid")
+        self._exec(conn, touch, ino=ino, now=now_ns, delta=nlink_delta, **counts)
 
     def _count(self, conn: Connection, **deltas: int) -> None:
         deltas = {column: delta for column, delta in deltas.items() if delta}
@@ -474,16 +570,6 @@ class MetadataStore:
             return
         assignments = ", ".join(f"{column} = {column} + :{column}" for column in deltas)
         self._exec(conn, f"UPDATE usage SET {assignments} WHERE user_id = :uid", **deltas)
-
-    def _check_inode_quota(self, conn: Connection) -> None:
-        over = self._exec(
-            conn,
-            "SELECT 1 FROM usage u JOIN users a ON a.id = u.user_id WHERE u.user_id = :uid"
-            " AND a.quota_inodes IS NOT NULL"
-            " AND u.files + u.directories + u.symlinks >= a.quota_inodes",
-        ).first()
-        if over is not None:
-            raise QuotaExceededError("inode quota exceeded")
 
     # ---- attributes ----------------------------------------------------------------
 
@@ -690,11 +776,14 @@ class MetadataStore:
                 return []
             if attrs.nlink > 0:
                 return []
-            dropped = self._drop_file_chunks(conn, ino, [], 0)
-            self._exec(conn, "DELETE FROM inodes WHERE id = :ino AND user_id = :uid", ino=ino)
-            return self._release_chunks(conn, dropped)
+            return self._purge(conn, ino)
 
         return self._run(work)
+
+    def _purge(self, conn: Connection, ino: int) -> list[ReclaimableChunk]:
+        dropped = self._drop_file_chunks(conn, ino, [], 0)
+        self._exec(conn, "DELETE FROM inodes WHERE id = :ino AND user_id = :uid", ino=ino)
+        return self._release_chunks(conn, dropped)
 
     def unlinked_inodes(self) -> list[int]:
         """Inodes with no name left (a crashed mount may not have purged them)."""
