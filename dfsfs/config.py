@@ -56,8 +56,8 @@ class Settings:
     backup_url: str  # backup chunk store
     backup_mode: str = "sync"  # 'sync': backup written before a chunk is referenced
     chunk_size: int = 1 * MiB
-    write_buffer_bytes: int = 256 * MiB  # global budget of dirty data
-    read_cache_bytes: int = 256 * MiB
+    write_buffer_bytes: int = 64 * MiB  # global budget of buffered writes; bounds the daemon's memory
+    read_cache_bytes: int = 128 * MiB
     readahead_chunks: int = 4
     attr_timeout_s: float = 1.0
     entry_timeout_s: float = 1.0

@@ -47,7 +47,8 @@ def test_defaults(data_dir):
     assert settings.store_url == f"file://{data_dir}/chunks"
     assert settings.backup_url == f"file://{data_dir}/backup"
     assert (settings.backup_mode, settings.chunk_size) == ("sync", MiB)
-    assert settings.write_buffer_bytes == settings.read_cache_bytes == 256 * MiB
+    assert settings.write_buffer_bytes == 64 * MiB
+    assert settings.read_cache_bytes == 128 * MiB
     assert (settings.readahead_chunks, settings.attr_timeout_s) == (4, 1.0)
     assert settings.config_file is None
 
