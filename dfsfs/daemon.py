@@ -18,13 +18,17 @@ from dfsfs.chunks.mirrored import DamageEvent, MirroredChunkStore
 from dfsfs.chunks.url import open_store
 from dfsfs.config import Settings, file_url_path
 from dfsfs.core.filesystem import CoreSettings, FileSystem
+from dfsfs.errors import DfsfsError
 from dfsfs.fuse_ops import Operations
+from dfsfs.meta.backup_queue import DatabaseBackupQueue
 from dfsfs.meta.db import create_engine
 from dfsfs.meta.store import MetadataStore
 
 log = logging.getLogger(__name__)
 
 FUSE_WORKERS = 64
+BACKUP_DRAIN_INTERVAL_S = 1.0
+BACKUP_DRAIN_BATCH = 256
 
 
 @dataclass
@@ -44,6 +48,7 @@ def build_file_system(request: MountRequest) -> FileSystem:
         open_store(settings.store_url, "primary"),
         open_store(settings.backup_url, "backup"),
         on_damage=_damage_recorder(meta),
+        backup_queue=DatabaseBackupQueue(engine) if settings.backup_mode == "async" else None,
     )
     core = CoreSettings(
         chunk_size=settings.chunk_size,
@@ -106,9 +111,22 @@ async def _serve_requests(fs: FileSystem) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run)
         nursery.start_soon(_terminate_on_signals)
+        if fs.store.backup_queue is not None:
+            nursery.start_soon(_drain_backups, fs.store)
         await pyfuse3.main(min_tasks=4, max_tasks=FUSE_WORKERS)
         await fs.flush_all()
         nursery.cancel_scope.cancel()
+
+
+async def _drain_backups(store: MirroredChunkStore) -> None:
+    """Asynchronous backup mode: copy queued chunks to the backup in the background."""
+    while True:
+        try:
+            while await trio.to_thread.run_sync(store.drain_backup_queue, BACKUP_DRAIN_BATCH):
+                pass
+        except DfsfsError as error:
+            log.warning("backup copies are behind (retrying): %s", error)
+        await trio.sleep(BACKUP_DRAIN_INTERVAL_S)
 
 
 async def _terminate_on_signals() -> None:

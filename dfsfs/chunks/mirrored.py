@@ -95,17 +95,17 @@ class MirroredChunkStore(ChunkStore):
         self.backup = backup
         self.name = f"{primary.name}+{backup.name}"
         self._on_damage = on_damage
-        self._backup_queue = backup_queue
+        self.backup_queue = backup_queue
         self._backup_writers = futures.ThreadPoolExecutor(
             BACKUP_WRITE_THREADS, thread_name_prefix="backup-write"
         )
 
     def put(self, namespace: int, digest: bytes, data: bytes) -> None:
-        if self._backup_queue is None:
+        if self.backup_queue is None:
             self._on_both(lambda store: store.put(namespace, digest, data))
         else:
             self.primary.put(namespace, digest, data)
-            self._backup_queue.enqueue(namespace, digest)
+            self.backup_queue.enqueue(namespace, digest)
 
     def get(self, namespace: int, digest: bytes) -> bytes:
         """The chunk's bytes, verified; from the backup if the primary copy is bad.
@@ -136,7 +136,7 @@ class MirroredChunkStore(ChunkStore):
         return self.primary.keys(namespace)
 
     def sync(self) -> None:
-        if self._backup_queue is None:
+        if self.backup_queue is None:
             self._on_both(lambda store: store.sync())
         else:
             self.primary.sync()
@@ -169,12 +169,12 @@ class MirroredChunkStore(ChunkStore):
         deal with it. One that no longer exists in the primary was deleted since it was
         queued and leaves the queue.
         """
-        if self._backup_queue is None:
+        if self.backup_queue is None:
             raise RuntimeError("drain_backup_queue needs a store made with a backup_queue")
         settled: list[tuple[int, bytes]] = []
         copied = 0
         try:
-            for namespace, digest in self._backup_queue.pending(limit):
+            for namespace, digest in self.backup_queue.pending(limit):
                 primary = _read_verified("primary", self.primary, namespace, digest)
                 if primary.data is not None:
                     self.backup.put(namespace, digest, primary.data)
@@ -191,7 +191,7 @@ class MirroredChunkStore(ChunkStore):
             if settled:
                 self.backup.sync()
             for namespace, digest in settled:
-                self._backup_queue.done(namespace, digest)
+                self.backup_queue.done(namespace, digest)
         return copied
 
     def _on_both(self, operation: Callable[[ChunkStore], None]) -> None:
