@@ -5,6 +5,7 @@ import getpass
 import hashlib
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -41,10 +42,20 @@ def mount_type(path: str) -> str | None:
 
 
 def _is_stale(path: str) -> bool:
-    try:
-        os.stat(path)
-    except OSError as error:
-        return error.errno == errno.ENOTCONN
+    """Whether a FUSE mount at `path` has lost its daemon.
+
+    Looking up a name that does not exist cannot be answered from the kernel's caches,
+    so it reaches the daemon (or fails with ENOTCONN when there is none).
+    """
+    probe = os.path.join(path, f".dfsfs-probe-{secrets.token_hex(8)}")
+    for candidate in (path, probe):
+        try:
+            os.lstat(candidate)
+        except OSError as error:
+            if error.errno == errno.ENOTCONN:
+                return True
+            if candidate == path:
+                return False
     return False
 
 

@@ -291,7 +291,14 @@ class FileSystem:
                 state.attrs = attrs
                 state.size = state.committed_size = attrs.size
                 state.chunk_map = chunk_map
-        return self._add_handle(state, flags)
+        fh = self._add_handle(state, flags)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            try:
+                await self._truncate(ino, 0)  # the kernel hands O_TRUNC to us (atomic_o_trunc)
+            except BaseException:
+                await self.release(fh)
+                raise
+        return fh
 
     def _open_state(self, attrs: Attrs, flags: int) -> int:
         state = self._states.get(attrs.ino)
@@ -470,10 +477,7 @@ class FileSystem:
                 return
             seen_seq = state.write_seq
             if stored_only:
-                batch = {i: p for i, p in state.pending.items() if p.done.is_set() and p.error is None}
-                size = min(state.size, max(
-                    [state.committed_size] + [i * self.settings.chunk_size + len(p.data)
-                                              for i, p in batch.items()]))
+                batch, size = self._stored_prefix(state)
             else:
                 for index in list(state.dirty):
                     self._seal(state, index)
@@ -482,6 +486,17 @@ class FileSystem:
             await self._commit_batch(state, batch, size)
             if state.write_seq == seen_seq and not state.dirty and not state.pending:
                 state.mtime_ns = None
+
+    def _stored_prefix(self, state: FileState) -> tuple[dict[int, PendingChunk], int]:
+        """Stored chunks below the first one still buffered or being stored, and the size
+        they reach: a crash then leaves a prefix of what was written, never a gap."""
+        unfinished = [i for i, p in state.pending.items() if not p.done.is_set() or p.error]
+        first_unfinished = min(unfinished + list(state.dirty), default=None)
+        batch = {i: p for i, p in state.pending.items()
+                 if p.done.is_set() and p.error is None
+                 and (first_unfinished is None or i < first_unfinished)}
+        reached = [i * self.settings.chunk_size + len(p.data) for i, p in batch.items()]
+        return batch, min(state.size, max([state.committed_size, *reached]))
 
     async def _commit_batch(self, state: FileState, batch: dict[int, PendingChunk], size: int) -> None:
         for pending in batch.values():
