@@ -1,0 +1,112 @@
+"""`dfsfs fsck`: check, and with --repair fix, metadata and both chunk stores."""
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import click
+from sqlalchemy.engine import Engine
+
+from dfsfs.chunks.mirrored import MirroredChunkStore
+from dfsfs.chunks.url import open_store
+from dfsfs.cli import open_engine, pass_settings
+from dfsfs.config import Settings
+from dfsfs.fsck import CATEGORIES, FsckReport, ProgressCallback, check
+from dfsfs.meta.accounts import AccountStore
+
+
+@click.command("fsck")
+@click.option("--repair", is_flag=True, help="Fix what was found (see above).")
+@click.option("--user", "user_names", metavar="NAME", multiple=True,
+              help="Check only this account (repeatable).")
+@click.option("--all", "all_users", is_flag=True, help="Check every account (the default).")
+@pass_settings
+def command(settings: Settings, repair: bool, user_names: tuple[str, ...], all_users: bool) -> None:
+    """Check the metadata and both chunk stores; with --repair, fix what can be fixed.
+
+    \b
+    For each account (all of them unless --user is given):
+      link counts, and unlinked files a crashed mount never purged;
+      chunk reference counts against the files' chunk lists;
+      chunk rows no file references, and chunk files without metadata (orphans);
+      presence and SHA-256 of both copies of every chunk;
+      the usage counters `dfsfs stats` shows.
+
+    --repair corrects counts and counters, purges unlinked files, deletes orphans and
+    unreferenced chunks, rewrites a missing or corrupt copy from the good one, and removes
+    temporary files of interrupted writes older than an hour. A chunk with no good copy
+    cannot be repaired: it is recorded as damage and the files using it are listed.
+    Repair while none of the checked accounts is mounted: an open file that was deleted
+    looks like one a crashed mount left behind.
+
+    fsck needs the database URL, which is what makes an administrator; no password is
+    asked. A progress bar is shown when stderr is a terminal.
+
+    Exit status: 0 when nothing was found; 1 when problems were found, even if --repair
+    fixed them all (the summary says what was repaired; a second run shows a clean
+    state), and on errors; 2 for usage errors.
+    """
+    if user_names and all_users:
+        raise click.UsageError("give --user or --all, not both")
+    engine = open_engine(settings)
+    user_ids = _user_ids(engine, user_names) if user_names else None
+    stores = MirroredChunkStore(open_store(settings.store_url, "primary"),
+                                open_store(settings.backup_url, "backup"))
+    try:
+        with _progress_bar() as progress:
+            report = check(engine, stores, user_ids, repair, progress)
+    finally:
+        stores.close()
+    _echo_summary(report, repair)
+    if not report.clean:
+        click.get_current_context().exit(1)
+
+
+def _user_ids(engine: Engine, names: tuple[str, ...]) -> list[int]:
+    accounts = AccountStore(engine)
+    user_ids = []
+    for name in names:
+        user = accounts.get_user(name)
+        if user is None:
+            raise click.BadParameter(f"no user named {name!r}", param_hint="--user")
+        user_ids.append(user.id)
+    return user_ids
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[ProgressCallback | None]:
+    """A progress callback drawing a bar on stderr, or None when stderr is no terminal."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bars = []  # made on the first call, when the total is known
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(click.progressbar(length=total, label="verifying chunks", file=sys.stderr))
+        bars[0].update(done - bars[0].pos)
+
+    try:
+        yield update
+    finally:
+        if bars:
+            bars[0].render_finish()
+
+
+def _echo_summary(report: FsckReport, repair: bool) -> None:
+    for problem in report.problems:
+        click.echo(problem)
+    click.echo(f"checked {report.users_checked} account(s), verified {report.chunks_verified} chunk(s)")
+    for category, description in CATEGORIES.items():
+        found = report.found[category]
+        if found:
+            click.echo(f"  {description}: {found} found, {report.repaired[category]} repaired")
+    if report.stale_temp_files_removed:
+        click.echo(f"removed {report.stale_temp_files_removed} stale temporary file(s)")
+    found, repaired = sum(report.found.values()), sum(report.repaired.values())
+    if report.clean:
+        click.echo("no problems found")
+    elif repair:
+        click.echo(f"{found} problem(s) found, {repaired} repaired, {found - repaired} left")
+    else:
+        click.echo(f"{found} problem(s) found; `dfsfs fsck --repair` fixes what can be fixed")

@@ -1,0 +1,498 @@
+"""fsck and gc: check users' metadata against itself and against both chunk stores, and
+with `repair` put right what can be put right.
+
+A check of one user runs these steps in this order (each relies on those before it):
+1. link counts: a non-directory's nlink equals the entries naming it; a directory's is
+   2 plus its subdirectories.
+2. unlinked inodes (nlink 0) that were never purged: leftovers of a mount that crashed
+   with the file open. Repair purges them, so run it while none of the user's mounts is
+   live: a file a live mount still holds open after its unlink looks the same.
+3. chunk refcounts against the file_chunks rows pointing at each chunk.
+4. chunk rows no file references (a crash during reclaim): repair deletes the bytes,
+   then the row.
+5. orphan chunk files, present in a store without a chunks row (a crash between the
+   chunk write and the metadata commit): repair deletes them.
+6. both copies of every referenced chunk: present, with the right SHA-256. Repair
+   rewrites a bad copy from the good one. A chunk with no good copy is lost; the
+   file_chunks rows pointing at it are dangling references. Every bad copy gets a damage
+   record, which `dfsfs stats` shows.
+7. the usage counters against a full recount. It runs last, so it also corrects the
+   counters for the link counts step 1 repaired.
+Then users.last_fsck_at is set. With repair, stale temporary files of interrupted puts
+are removed from local stores.
+
+`check` records damage itself: give it a MirroredChunkStore made without `on_damage`.
+"""
+
+import stat
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from dfsfs.chunks.local import LocalChunkStore
+from dfsfs.chunks.mirrored import CheckResult, MirroredChunkStore
+from dfsfs.errors import NotFoundError
+from dfsfs.meta.db import run_transaction
+from dfsfs.meta.store import MetadataStore
+from dfsfs.stats import FILE_TYPE_MASK, display_path
+
+# A put takes far less than this; an older temporary file belongs to no running put.
+STALE_TEMP_FILE_AGE_S = 3600
+BATCH_SIZE = 1000
+
+# Kinds of findings, in the order a summary lists them.
+CATEGORIES = {
+    "wrong_nlink": "inodes with a wrong link count",
+    "unlinked_inodes": "unlinked inodes never purged",
+    "wrong_refcount": "chunks with a wrong reference count",
+    "unreferenced_chunks": "chunk rows no file references",
+    "orphan_chunks": "chunk files without metadata (orphans)",
+    "damaged_copies": "missing or corrupt chunk copies",
+    "lost_chunks": "chunks with no good copy",
+    "dangling_references": "file chunks pointing at lost chunks",
+    "wrong_usage": "wrong usage counters",
+}
+
+USAGE_COLUMNS = ("files", "directories", "symlinks", "logical_bytes", "chunks", "stored_bytes")
+# Parameters of the SQL that tells directories and symlinks apart by st_mode.
+MODE_TYPES = {"ifmt": FILE_TYPE_MASK, "ifdir": stat.S_IFDIR, "iflnk": stat.S_IFLNK}
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class FsckReport:
+    """What a run found and repaired: counts per category and one line per problem."""
+
+    users_checked: int = 0
+    chunks_verified: int = 0
+    stale_temp_files_removed: int = 0
+    found: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    def add(self, category: str, message: str, found: int = 1, repaired: int | bool = 0) -> None:
+        repaired = found if repaired is True else int(repaired)
+        self.found[category] += found
+        self.repaired[category] += repaired
+        if repaired:
+            message += " (repaired)" if repaired == found else f" ({repaired} repaired)"
+        self.problems.append(message)
+
+
+def check(
+    engine: Engine,
+    stores: MirroredChunkStore,
+    user_ids: list[int] | None = None,
+    repair: bool = False,
+    progress: ProgressCallback | None = None,
+) -> FsckReport:
+    """Check the given users (all if None), repairing if asked; see the module docstring.
+
+    `engine` must be an admin engine. `progress(done, total)` counts verified chunks.
+    """
+    users = _users(engine, user_ids)
+    report = FsckReport()
+    tracker = _Progress(progress, sum(chunk_count for _, chunk_count in users.values()))
+    for user_id, (name, chunk_count) in users.items():
+        tracker.start_user(chunk_count)
+        _UserCheck(engine, stores, user_id, name, repair, report, tracker).run()
+        tracker.end_user()
+    if repair:
+        report.stale_temp_files_removed = _remove_stale_temp_files(stores)
+    return report
+
+
+def gc(engine: Engine, stores: MirroredChunkStore, user_ids: list[int] | None = None) -> FsckReport:
+    """Delete garbage only: chunk rows no file references and orphan chunk files."""
+    report = FsckReport()
+    for user_id, (name, _) in _users(engine, user_ids).items():
+        user_check = _UserCheck(engine, stores, user_id, name, True, report, _Progress(None, 0))
+        user_check.unreferenced_chunks()
+        user_check.orphan_chunks()
+    return report
+
+
+def _users(engine: Engine, user_ids: list[int] | None) -> dict[int, tuple[str, int]]:
+    """user id -> (name, chunk rows) of the users to check, in id order."""
+    rows = run_transaction(
+        engine,
+        lambda conn: conn.execute(
+            sa.text(
+                "SELECT a.id, a.name, count(c.id) FROM users a LEFT JOIN chunks c ON c.user_id = a.id"
+                " WHERE CAST(:ids AS bigint[]) IS NULL OR a.id = ANY(CAST(:ids AS bigint[]))"
+                " GROUP BY a.id ORDER BY a.id"
+            ),
+            {"ids": user_ids},
+        ).all(),
+    )
+    users = {user_id: (name, chunk_count) for user_id, name, chunk_count in rows}
+    missing = set(user_ids or ()) - set(users)
+    if missing:
+        raise NotFoundError(f"no user with id {', '.join(map(str, sorted(missing)))}")
+    return users
+
+
+def _remove_stale_temp_files(stores: MirroredChunkStore) -> int:
+    return sum(
+        store.remove_stale_temp_files(STALE_TEMP_FILE_AGE_S)
+        for store in (stores.primary, stores.backup)
+        if isinstance(store, LocalChunkStore)
+    )
+
+
+class _Progress:
+    """Chunks verified out of the chunk rows that existed when the run started."""
+
+    def __init__(self, callback: ProgressCallback | None, total: int):
+        self._callback = callback
+        self.total = total
+        self.done = 0
+        self._user_end = 0
+
+    def start_user(self, chunk_count: int) -> None:
+        self._user_end = self.done + chunk_count
+
+    def tick(self) -> None:
+        if self.done < self._user_end:
+            self._set(self.done + 1)
+
+    def end_user(self) -> None:
+        self._set(self._user_end)
+
+    def _set(self, done: int) -> None:
+        self.done = done
+        if self._callback is not None:
+            self._callback(done, self.total)
+
+
+# Each inode's link count and the count its entries call for; a removed directory
+# (nlink 0, which no entry can name) is left out.
+_LINK_COUNTS_SQL = """
+SELECT * FROM (
+    SELECT i.id, i.nlink,
+        CASE WHEN i.mode & :ifmt = :ifdir
+            THEN 2 + (SELECT count(*) FROM dentries d JOIN inodes c ON c.id = d.ino
+                      WHERE d.parent_ino = i.id AND d.user_id = :uid AND c.mode & :ifmt = :ifdir)
+            ELSE (SELECT count(*) FROM dentries d WHERE d.ino = i.id AND d.user_id = :uid)
+        END AS expected
+    FROM inodes i
+    WHERE i.user_id = :uid AND (i.nlink > 0 OR i.mode & :ifmt <> :ifdir)
+      AND (CAST(:ino AS bigint) IS NULL OR i.id = :ino)
+) counts WHERE nlink <> expected ORDER BY id
+"""
+
+_WRONG_REFCOUNTS_SQL = """
+SELECT * FROM (
+    SELECT c.id, c.sha256, c.refcount,
+        (SELECT count(*) FROM file_chunks f WHERE f.chunk_id = c.id AND f.user_id = :uid) AS actual
+    FROM chunks c
+    WHERE c.user_id = :uid
+      AND (CAST(:ids AS bigint[]) IS NULL OR c.id = ANY(CAST(:ids AS bigint[])))
+) counts WHERE refcount <> actual ORDER BY id
+"""
+
+_REFERENCED_CHUNKS_SQL = """
+SELECT c.id, c.sha256, (NOT c.backed_up OR q.user_id IS NOT NULL) AS backup_pending
+FROM chunks c LEFT JOIN backup_queue q ON q.user_id = c.user_id AND q.sha256 = c.sha256
+WHERE c.user_id = :uid AND c.id > :after
+  AND EXISTS (SELECT 1 FROM file_chunks f WHERE f.chunk_id = c.id AND f.user_id = :uid)
+ORDER BY c.id LIMIT :limit
+"""
+
+_USAGE_RECOUNT_SQL = """
+SELECT
+    count(*) FILTER (WHERE nlink > 0 AND mode & :ifmt NOT IN (:ifdir, :iflnk)) AS files,
+    count(*) FILTER (WHERE nlink > 0 AND mode & :ifmt = :ifdir) AS directories,
+    count(*) FILTER (WHERE nlink > 0 AND mode & :ifmt = :iflnk) AS symlinks,
+    coalesce(sum(size) FILTER (WHERE nlink > 0), 0) AS logical_bytes,
+    (SELECT count(*) FROM chunks WHERE user_id = :uid) AS chunks,
+    (SELECT coalesce(sum(size), 0) FROM chunks WHERE user_id = :uid) AS stored_bytes
+FROM inodes WHERE user_id = :uid
+"""
+
+# One path of an inode (the first in byte order if it has several), walking up to the root.
+_INODE_PATH_SQL = """
+WITH RECURSIVE up(ino, names, depth) AS (
+    SELECT d.parent_ino, ARRAY[d.name], 1 FROM dentries d WHERE d.ino = :ino AND d.user_id = :uid
+  UNION ALL
+    SELECT d.parent_ino, array_prepend(d.name, up.names), up.depth + 1
+    FROM up JOIN dentries d ON d.ino = up.ino AND d.user_id = :uid
+    WHERE up.depth < 4096
+)
+SELECT names FROM up WHERE ino = (SELECT root_ino FROM users WHERE id = :uid)
+ORDER BY names LIMIT 1
+"""
+
+
+class _UserCheck:
+    """The steps of checking one user's namespace; findings go into `report`."""
+
+    def __init__(self, engine: Engine, stores: MirroredChunkStore, user_id: int, name: str,
+                 repair: bool, report: FsckReport, progress: _Progress):
+        self.engine = engine
+        self.stores = stores
+        self.user_id = user_id
+        self.who = f"user {name}"
+        self.repair = repair
+        self.report = report
+        self.progress = progress
+        self.meta = MetadataStore(engine, user_id)
+
+    def run(self) -> None:
+        self.link_counts()
+        self.unlinked_inodes()
+        self.refcounts()
+        self.unreferenced_chunks()
+        self.orphan_chunks()
+        self.chunk_copies()
+        self.usage_counters()
+        self._run(self._mark_checked)
+        self.report.users_checked += 1
+
+    def _mark_checked(self, conn: Connection) -> None:
+        self._exec(conn, "UPDATE users SET last_fsck_at = now() WHERE id = :uid")
+
+    # ---- namespace ------------------------------------------------------------------
+
+    def link_counts(self) -> None:
+        for ino, nlink, expected in self._query(_LINK_COUNTS_SQL, ino=None, **MODE_TYPES):
+            description = self._describe_inode(ino)
+            if self.repair:
+                self._run(partial(self._fix_link_count, ino=ino))
+            self.report.add(
+                "wrong_nlink",
+                f"{self.who}: {description} has link count {nlink}, its entries call for {expected}",
+                repaired=self.repair,
+            )
+
+    def _fix_link_count(self, conn: Connection, ino: int) -> None:
+        # Locked, then counted afresh: a concurrent link, which locks the inode before
+        # adding its entry, cannot slip in between.
+        self._exec(conn, "SELECT 1 FROM inodes WHERE id = :ino AND user_id = :uid FOR UPDATE", ino=ino)
+        row = self._exec(conn, _LINK_COUNTS_SQL, ino=ino, **MODE_TYPES).first()
+        if row is not None:
+            self._exec(conn, "UPDATE inodes SET nlink = :nlink WHERE id = :ino AND user_id = :uid",
+                       ino=ino, nlink=row.expected)
+
+    def unlinked_inodes(self) -> None:
+        for ino in self.meta.unlinked_inodes():
+            if self.repair:
+                released = self.meta.purge(ino)
+                self.meta.reclaim([chunk.id for chunk in released], self._delete_bytes)
+            self.report.add("unlinked_inodes",
+                            f"{self.who}: inode {ino} has no name but was not purged", repaired=self.repair)
+
+    # ---- chunk rows -----------------------------------------------------------------
+
+    def refcounts(self) -> None:
+        candidates = [row.id for row in self._query(_WRONG_REFCOUNTS_SQL, ids=None)]
+        if not candidates:
+            return
+        for _, digest, refcount, actual in self._run(lambda conn: self._recount(conn, candidates)):
+            self.report.add(
+                "wrong_refcount",
+                f"{self.who}: chunk {bytes(digest).hex()} has refcount {refcount}, "
+                f"{actual} file chunks point at it",
+                repaired=self.repair,
+            )
+
+    def _recount(self, conn: Connection, chunk_ids: list[int]) -> list:
+        """Confirm (and with repair, fix) refcounts holding the chunk rows' locks.
+
+        A commit changing a chunk's file_chunks rows updates its refcount in the same
+        transaction, so under the lock the count and the refcount belong together.
+        """
+        self._exec(conn, "SELECT id FROM chunks WHERE id = ANY(CAST(:ids AS bigint[]))"
+                   " AND user_id = :uid ORDER BY id FOR UPDATE", ids=chunk_ids)
+        wrong = self._exec(conn, _WRONG_REFCOUNTS_SQL, ids=chunk_ids).all()
+        if self.repair and wrong:
+            self._exec(
+                conn,
+                "UPDATE chunks c SET refcount = t.actual"
+                " FROM unnest(CAST(:ids AS bigint[]), CAST(:counts AS bigint[])) AS t(id, actual)"
+                " WHERE c.id = t.id AND c.user_id = :uid",
+                ids=[row.id for row in wrong],
+                counts=[row.actual for row in wrong],
+            )
+        return wrong
+
+    def unreferenced_chunks(self) -> None:
+        chunk_ids = [
+            chunk_id
+            for (chunk_id,) in self._query(
+                "SELECT id FROM chunks c WHERE c.user_id = :uid AND NOT EXISTS"
+                " (SELECT 1 FROM file_chunks f WHERE f.chunk_id = c.id AND f.user_id = :uid)"
+            )
+        ]
+        if not chunk_ids:
+            return
+        # reclaim takes only rows whose refcount is 0: one a wrong refcount still keeps
+        # stays for a run that repairs refcounts first.
+        reclaimed = self.meta.reclaim(chunk_ids, self._delete_bytes) if self.repair else 0
+        self.report.add("unreferenced_chunks",
+                        f"{self.who}: {len(chunk_ids)} chunk row(s) no file references",
+                        found=len(chunk_ids), repaired=reclaimed)
+
+    # ---- chunk files ----------------------------------------------------------------
+
+    def orphan_chunks(self) -> None:
+        orphans: set[bytes] = set()
+        for store in (self.stores.primary, self.stores.backup):
+            for batch in _batches((digest for _, digest in store.keys(self.user_id)), BATCH_SIZE):
+                known = {
+                    bytes(digest)
+                    for (digest,) in self._query(
+                        "SELECT sha256 FROM chunks WHERE user_id = :uid"
+                        " AND sha256 = ANY(CAST(:digests AS bytea[]))",
+                        digests=batch,
+                    )
+                }
+                orphans.update(digest for digest in batch if digest not in known)
+        for digest in sorted(orphans):
+            removed = self.repair and self._remove_orphan(digest)
+            self.report.add("orphan_chunks", f"{self.who}: chunk file {digest.hex()} has no metadata",
+                            repaired=removed)
+
+    def _remove_orphan(self, digest: bytes) -> bool:
+        """Delete an orphan's files unless a commit has just given it a chunks row."""
+
+        def work(conn: Connection) -> bool:
+            # The uncommitted placeholder makes a concurrent commit of this digest wait
+            # until the files are gone; that commit then inserts its own row and
+            # re-stores the chunk (commit_file's ensure_stored), as after a reclaim.
+            placeholder = self._exec(
+                conn,
+                "INSERT INTO chunks (user_id, sha256, size, refcount) VALUES (:uid, :digest, 0, 0)"
+                " ON CONFLICT (user_id, sha256) DO NOTHING RETURNING id",
+                digest=digest,
+            ).scalar()
+            if placeholder is None:
+                return False
+            self.stores.delete(self.user_id, digest)
+            self._exec(conn, "DELETE FROM chunks WHERE id = :id AND user_id = :uid", id=placeholder)
+            return True
+
+        return self._run(work)
+
+    def chunk_copies(self) -> None:
+        open_damage = {
+            (bytes(digest), store)
+            for digest, store in self._query(
+                "SELECT sha256, store FROM damage WHERE user_id = :uid AND repaired_at IS NULL"
+            )
+        }
+        after = 0
+        while rows := self._query(_REFERENCED_CHUNKS_SQL, after=after, limit=BATCH_SIZE):
+            for chunk_id, digest, backup_pending in rows:
+                self._check_copies(chunk_id, bytes(digest), backup_pending, open_damage)
+                self.progress.tick()
+            after = rows[-1].id
+
+    def _check_copies(self, chunk_id: int, digest: bytes, backup_pending: bool,
+                      open_damage: set[tuple[bytes, str]]) -> None:
+        result = self.stores.verify(self.user_id, digest, self.repair)
+        self.report.chunks_verified += 1
+        for role in ("primary", "backup"):
+            state = getattr(result, role)
+            if role == "backup" and backup_pending and state == "missing":
+                continue  # asynchronous backup mode: the copy is still to be made
+            if state == "ok":
+                if (digest, role) in open_damage:
+                    self._close_damage(digest, role)
+                continue
+            self._damaged_copy(result, role, state, open_damage)
+        if result.lost:
+            self.report.add("lost_chunks", f"{self.who}: chunk {digest.hex()} has no good copy")
+            self._dangling_references(chunk_id, digest)
+
+    def _damaged_copy(self, result: CheckResult, role: str, state: str,
+                      open_damage: set[tuple[bytes, str]]) -> None:
+        repaired = role in result.repaired
+        self.report.add("damaged_copies",
+                        f"{self.who}: chunk {result.digest.hex()}: {role} copy {state}", repaired=repaired)
+        if repaired and self._close_damage(result.digest, role):
+            return
+        if repaired or (result.digest, role) not in open_damage:
+            self.meta.record_damage(result.digest, role, state, repaired, "found by fsck")
+
+    def _close_damage(self, digest: bytes, role: str) -> int:
+        """Mark a copy's open damage records repaired; return how many there were."""
+        return self._run(
+            lambda conn: self._exec(
+                conn,
+                "UPDATE damage SET repaired_at = now() WHERE user_id = :uid AND sha256 = :digest"
+                " AND store = :store AND repaired_at IS NULL",
+                digest=digest,
+                store=role,
+            ).rowcount
+        )
+
+    def _dangling_references(self, chunk_id: int, digest: bytes) -> None:
+        rows = self._query(
+            "SELECT ino, count(*) FROM file_chunks WHERE chunk_id = :id AND user_id = :uid"
+            " GROUP BY ino ORDER BY ino",
+            id=chunk_id,
+        )
+        for ino, count in rows:
+            self.report.add(
+                "dangling_references",
+                f"{self.who}: {self._describe_inode(ino)} has {count} chunk(s) pointing at "
+                f"lost chunk {digest.hex()}",
+                found=count,
+            )
+
+    def _delete_bytes(self, digests: list[bytes]) -> None:
+        for digest in digests:
+            self.stores.delete(self.user_id, digest)
+
+    # ---- counters -------------------------------------------------------------------
+
+    def usage_counters(self) -> None:
+        for column, (stored, actual) in self._run(self._compare_usage).items():
+            self.report.add("wrong_usage", f"{self.who}: usage counter {column} is {stored}, "
+                            f"a recount gives {actual}", repaired=self.repair)
+
+    def _compare_usage(self, conn: Connection) -> dict[str, tuple[int, int]]:
+        # Every change locks the usage row to update it in its own transaction: holding
+        # the lock, the recount sees exactly the changes the counters include.
+        stored = self._exec(conn, f"SELECT {', '.join(USAGE_COLUMNS)} FROM usage"
+                            " WHERE user_id = :uid FOR UPDATE").mappings().one()
+        actual = self._exec(conn, _USAGE_RECOUNT_SQL, **MODE_TYPES).mappings().one()
+        wrong = {column: (stored[column], actual[column])
+                 for column in USAGE_COLUMNS if stored[column] != actual[column]}
+        if self.repair and wrong:
+            assignments = ", ".join(f"{column} = :{column}" for column in wrong)
+            self._exec(conn, f"UPDATE usage SET {assignments} WHERE user_id = :uid",
+                       **{column: actual[column] for column in wrong})
+        return wrong
+
+    # ---- helpers --------------------------------------------------------------------
+
+    def _describe_inode(self, ino: int) -> str:
+        names = self._run(lambda conn: self._exec(conn, _INODE_PATH_SQL, ino=ino).scalar())
+        return f"inode {ino} ({display_path(names) if names else 'no name'})"
+
+    def _run(self, work: Callable[[Connection], object]):
+        return run_transaction(self.engine, work)
+
+    def _exec(self, conn: Connection, sql: str, **params):
+        return conn.execute(sa.text(sql), {"uid": self.user_id, **params})
+
+    def _query(self, sql: str, **params) -> list:
+        return self._run(lambda conn: self._exec(conn, sql, **params).all())
+
+
+def _batches(items: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
