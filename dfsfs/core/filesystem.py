@@ -98,6 +98,7 @@ class FileState:
         self.last_read_end = -1
         self.error: BaseException | None = None  # a background commit failure, reported later
         self.commit_scheduled = False
+        self.accounted_bytes = 0  # buffered bytes charged to the write budget
 
     @property
     def has_uncommitted(self) -> bool:
@@ -351,13 +352,13 @@ class FileSystem:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         state = self._handle(fh).state
         self._raise_deferred_error(state)
-        await self.budget.reserve(len(data))
-        async with state.lock:
-            before = self._buffered(state)
-            try:
+        await self.budget.reserve(len(data))  # back-pressure before taking memory
+        try:
+            async with state.lock:
                 await self._write_locked(state, offset, data)
-            finally:
-                self._settle_budget(len(data), self._buffered(state) - before)
+        finally:
+            self.budget.release(len(data))
+            self._account(state)
         if state.pending_bytes >= self.settings.commit_batch_bytes:
             self._schedule_commit(state, stored_only=True)
         return len(data)
@@ -365,11 +366,15 @@ class FileSystem:
     def _buffered(self, state: FileState) -> int:
         return sum(len(b) for b in state.dirty.values()) + state.pending_bytes
 
-    def _settle_budget(self, reserved: int, used: int) -> None:
-        if used > reserved:
-            self.budget.used_bytes += used - reserved  # loaded old content: already in memory
-        elif used < reserved:
-            self.budget.release(reserved - used)
+    def _account(self, state: FileState) -> None:
+        """Charge the budget with what `state` buffers now: the one place it changes."""
+        buffered = self._buffered(state)
+        change = buffered - state.accounted_bytes
+        state.accounted_bytes = buffered
+        if change > 0:
+            self.budget.used_bytes += change
+        elif change < 0:
+            self.budget.release(-change)
 
     async def _write_locked(self, state: FileState, offset: int, data: bytes) -> None:
         chunk_size = self.settings.chunk_size
@@ -418,10 +423,7 @@ class FileSystem:
 
     def _seal_data(self, state: FileState, index: int, data: bytes | bytearray) -> None:
         """Hand a chunk's bytes to the background: hash and store them now, commit later."""
-        replaced = state.pending.get(index)
-        pending = state.pending[index] = PendingChunk(data)
-        if replaced is not None:
-            self.budget.release(len(replaced.data))
+        pending = state.pending[index] = PendingChunk(data)  # replaces an older version
         self._nursery.start_soon(self._store_pending, pending)
 
     async def _store_pending(self, pending: PendingChunk) -> None:
@@ -510,7 +512,7 @@ class FileSystem:
         for index, pending in batch.items():
             if state.pending.get(index) is pending:  # not replaced by a newer version meanwhile
                 del state.pending[index]
-                self.budget.release(len(pending.data))
+        self._account(state)
 
     async def _commit_chunks(self, state: FileState, chunks: dict, size: int,
                              mtime_ns: int | None, drop_from_index: int | None = None) -> None:
@@ -543,13 +545,11 @@ class FileSystem:
         self.store.sync()
 
     def _drop_buffers(self, state: FileState) -> None:
-        released = self._buffered(state)
         state.dirty.clear()
         state.pending.clear()
         state.mtime_ns = None
         state.size = state.committed_size
-        if released:
-            self.budget.release(released)
+        self._account(state)
 
     def _reclaim_soon(self, chunks: list[ReclaimableChunk]) -> None:
         """Free chunk bytes in the background: nobody waits for space to come back."""
