@@ -42,7 +42,8 @@ class MountRequest:
 
 def build_file_system(request: MountRequest) -> FileSystem:
     settings = request.settings
-    engine = create_engine(request.database_url, user_id=request.user_id, pool_size=FUSE_WORKERS // 4)
+    engine = create_engine(request.database_url, user_id=request.user_id,
+                           pool_size=FUSE_WORKERS // 4, relaxed_commits=True)
     meta = MetadataStore(engine, request.user_id)
     store = MirroredChunkStore(
         open_store(settings.store_url, "primary"),
@@ -55,6 +56,7 @@ def build_file_system(request: MountRequest) -> FileSystem:
         write_buffer_bytes=settings.write_buffer_bytes,
         read_cache_bytes=settings.read_cache_bytes,
         readahead_chunks=settings.readahead_chunks,
+        attr_cache_s=settings.attr_timeout_s,
         commit_batch_bytes=max(settings.chunk_size, min(32 << 20, settings.write_buffer_bytes // 4)),
     )
     return FileSystem(meta, store, core, capacity_probe=_capacity_probe(settings.store_url))

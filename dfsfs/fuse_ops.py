@@ -135,7 +135,7 @@ class Operations(pyfuse3.Operations):
 
     @errno_boundary
     async def fsyncdir(self, fh, datasync):
-        return None  # every namespace change is committed before it is acknowledged
+        await self.fs.make_durable()
 
     @errno_boundary
     async def mknod(self, parent_inode, name, mode, rdev, ctx):

@@ -51,6 +51,7 @@ class CoreSettings:
     commit_batch_bytes: int = 32 << 20  # commit full chunks in batches of this size
     flush_interval_s: float = 5.0  # commit buffered writes idle this long
     statfs_cache_s: float = 2.0
+    attr_cache_s: float = 1.0  # as long as the kernel's own attribute cache
     missing_xattr_cache_s: float = 1.0  # the kernel asks for security.capability before every write
     thread_limit: int = 8
 
@@ -141,6 +142,7 @@ class FileSystem:
         self._fetching: dict[bytes, trio.Event] = {}
         self._usage: tuple[float, Usage] | None = None
         self._missing_xattrs: dict[tuple[int, bytes], float] = {}  # (ino, name) -> expiry
+        self._recent_attrs: dict[int, tuple[float, Attrs]] = {}  # ino -> (expiry, attrs)
         self._nursery: trio.Nursery | None = None
         self._zeros = bytes(settings.chunk_size)
 
@@ -176,12 +178,25 @@ class FileSystem:
         state = self._states.get(ino)
         if state is not None and state.open_handles:
             return self._overlay(state.attrs)  # close-to-open: an open file's attrs are ours
+        recent = self._recent_attrs.get(ino)
+        if recent is not None and recent[0] > time.monotonic():
+            return recent[1]
         return self._overlay(await self._meta(self.meta.get_attrs, ino))
+
+    def _remember(self, attrs: Attrs) -> None:
+        """Keep a file's attributes as long as the kernel would; the kernel forgets them
+        after every write and asks again. Directories change with their entries: not kept."""
+        if attrs.is_dir:
+            return
+        if len(self._recent_attrs) > 10_000:
+            self._recent_attrs.clear()
+        self._recent_attrs[attrs.ino] = (time.monotonic() + self.settings.attr_cache_s, attrs)
 
     def _overlay(self, attrs: Attrs) -> Attrs:
         """Attributes as this mount sees them: buffered writes change size and mtime."""
         state = self._states.get(attrs.ino)
         if state is None:
+            self._remember(attrs)
             return attrs
         state.attrs = attrs
         if not state.has_uncommitted:
@@ -223,8 +238,10 @@ class FileSystem:
             raise NotSupportedError("only files, directories, symlinks, fifos and sockets")
         if target is not None and len(target) >= PATH_MAX:
             raise NameTooLongError("symbolic link target too long")
-        return await self._meta(self.meta.make_node, parent_ino, name, mode, uid, gid,
-                                time.time_ns(), rdev, target)
+        attrs = await self._meta(self.meta.make_node, parent_ino, name, mode, uid, gid,
+                                 time.time_ns(), rdev, target)
+        self._remember(attrs)
+        return attrs
 
     async def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
                      flags: int) -> tuple[int, Attrs]:
@@ -258,6 +275,7 @@ class FileSystem:
 
     def _removed(self, removal: Removal) -> None:
         """After a name went away: forget a purged inode; an open one goes at its last close."""
+        self._recent_attrs.pop(removal.attrs.ino, None)
         state = self._states.get(removal.attrs.ino)
         if state is not None:
             state.attrs = removal.attrs
@@ -268,6 +286,8 @@ class FileSystem:
             self._reclaim_soon(removal.reclaimable)
         elif removal.attrs.nlink == 0 and state is not None:
             state.unlinked = True
+        elif not removal.purged:
+            self._remember(removal.attrs)
 
     async def _purge(self, ino: int) -> None:
         state = self._states.pop(ino, None)
@@ -324,6 +344,13 @@ class FileSystem:
     async def flush(self, fh: int) -> None:
         """close(2) and fsync(2): data and metadata are durable when this returns."""
         await self._commit(self._handle(fh).state)
+        await self.make_durable()
+
+    async def make_durable(self) -> None:
+        """fsyncdir, and close/fsync of a file with nothing to commit: namespace changes
+        commit without waiting for the disk until here."""
+        if self.meta.has_relaxed_commits:
+            await self._meta(self.meta.make_durable)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
@@ -341,6 +368,7 @@ class FileSystem:
         finally:
             if not state.open_handles and not state.has_uncommitted:
                 self._states.pop(state.ino, None)
+                self._remember(state.attrs)
 
     async def _commit_if_open(self, ino: int) -> None:
         state = self._states.get(ino)
@@ -703,10 +731,12 @@ class FileSystem:
         if len(value) > XATTR_SIZE_MAX:
             raise InvalidArgumentError("attribute value too large")
         self._missing_xattrs.pop((ino, name), None)
+        self._recent_attrs.pop(ino, None)  # ctime changes
         await self._meta(self.meta.set_xattr, ino, name, value, flags, time.time_ns())
 
     async def remove_xattr(self, ino: int, name: bytes) -> None:
         _check_xattr_name(name)
+        self._recent_attrs.pop(ino, None)
         await self._meta(self.meta.remove_xattr, ino, name, time.time_ns())
 
     # ---- usage -----------------------------------------------------------------------------------

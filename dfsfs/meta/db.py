@@ -22,14 +22,21 @@ CONNECT_TIMEOUT_S = 3
 
 
 def create_engine(
-    url: str, *, user_id: int | None = None, admin: bool = False, pool_size: int = 8
+    url: str,
+    *,
+    user_id: int | None = None,
+    admin: bool = False,
+    pool_size: int = 8,
+    relaxed_commits: bool = False,
 ) -> Engine:
     """An engine that fails fast when PostgreSQL is down instead of hanging.
 
     `user_id` is handed to PostgreSQL as `dfsfs.user_id` on every connection: the
     row-level security policies scope every user-owned table by it, so a query that
     forgets its user filter still sees only that user's rows. `admin` lifts the scoping
-    for administrator commands (fsck, user removal, stats --all).
+    for administrator commands (fsck, user removal, stats --all). With `relaxed_commits`,
+    transactions commit without waiting for the WAL flush unless they ask for it
+    (MetadataStore makes fsync, close and every data commit durable).
     """
     engine = sa.create_engine(
         url,
@@ -47,14 +54,19 @@ def create_engine(
             "application_name": "dfsfs",
         },
     )
-    scope = {"uid": "" if user_id is None else str(user_id), "adm": "on" if admin else "off"}
+    scope = {
+        "uid": "" if user_id is None else str(user_id),
+        "adm": "on" if admin else "off",
+        "sync": "off" if relaxed_commits else "on",
+    }
 
     @sa.event.listens_for(engine, "connect")
     def _set_scope(dbapi_conn, _record):
         with dbapi_conn.cursor() as cursor:
             cursor.execute(
                 "SELECT set_config('dfsfs.user_id', %(uid)s, false),"
-                " set_config('dfsfs.admin', %(adm)s, false)",
+                " set_config('dfsfs.admin', %(adm)s, false),"
+                " set_config('synchronous_commit', %(sync)s, false)",
                 scope,
             )
         dbapi_conn.commit()

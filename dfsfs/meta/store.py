@@ -156,10 +156,37 @@ class MetadataStore:
     def __init__(self, engine: Engine, user_id: int):
         self.engine = engine
         self.user_id = user_id
+        self._relaxed_commits = 0  # transactions committed so far without a WAL flush
+        self._durable_up_to = 0  # ... of which this many are known flushed
         self.root_ino = self._run(self._root_ino)
 
-    def _run(self, work: Callable[[Connection], object]):
-        return run_transaction(self.engine, work)
+    def _run(self, work: Callable[[Connection], object], durable: bool = False):
+        """One transaction. Unless `durable`, it may commit without waiting for the WAL
+        flush (when the engine relaxes commits): such changes become durable with the
+        next durable commit, as PostgreSQL flushes its WAL in order."""
+        if not durable:
+            result = run_transaction(self.engine, work)
+            self._relaxed_commits += 1
+            return result
+        covered = self._relaxed_commits
+
+        def durably(conn):
+            conn.exec_driver_sql("SET LOCAL synchronous_commit = on")
+            return work(conn)
+
+        result = run_transaction(self.engine, durably)
+        self._durable_up_to = max(self._durable_up_to, covered)
+        return result
+
+    @property
+    def has_relaxed_commits(self) -> bool:
+        """Whether some commit may not be on stable storage yet."""
+        return self._relaxed_commits > self._durable_up_to
+
+    def make_durable(self) -> None:
+        """fsync, fsyncdir and close: flush every commit made so far to stable storage."""
+        if self.has_relaxed_commits:
+            self._run(lambda conn: conn.exec_driver_sql("SELECT txid_current()"), durable=True)
 
     def _exec(self, conn: Connection, sql: str, **params) -> "_Result":
         """Run one statement on the transaction's DBAPI connection (SQLAlchemy's statement
@@ -645,7 +672,7 @@ class MetadataStore:
                 self._count(conn, logical_bytes=size - old.size)
             return reclaimable
 
-        return self._run(work)
+        return self._run(work, durable=True)
 
     def _check_byte_quota(self, conn: Connection, growth: int) -> None:
         if growth <= 0:
@@ -745,6 +772,7 @@ class MetadataStore:
         ids = sorted(set(chunk_ids))
         if not ids:
             return 0
+        self.make_durable()  # the commit that dropped the references must outlive the bytes
 
         def work(conn):
             rows = self._exec(
