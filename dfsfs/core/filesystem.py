@@ -28,6 +28,7 @@ from dfsfs.errors import (
     NoAttributeError,
     NotSupportedError,
     PermissionDeniedError,
+    QuotaExceededError,
     StorageError,
 )
 from dfsfs.meta.store import Attrs, ChunkRef, MetadataStore, ReclaimableChunk, Removal, Usage
@@ -276,6 +277,8 @@ class FileSystem:
     def _removed(self, removal: Removal) -> None:
         """After a name went away: forget a purged inode; an open one goes at its last close."""
         self._recent_attrs.pop(removal.attrs.ino, None)
+        if removal.attrs.nlink == 0:
+            self._count_growth(-removal.attrs.size)
         state = self._states.get(removal.attrs.ino)
         if state is not None:
             state.attrs = removal.attrs
@@ -365,6 +368,10 @@ class FileSystem:
             return
         try:
             await self._commit(state)
+        except DfsfsError as error:
+            # The last close already reported this; nothing is left to retry the writes.
+            log.warning("inode %d closed with uncommitted writes, dropped: %s", state.ino, error)
+            self._drop_buffers(state)
         finally:
             if not state.open_handles and not state.has_uncommitted:
                 self._states.pop(state.ino, None)
@@ -380,6 +387,7 @@ class FileSystem:
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         state = self._handle(fh).state
         self._raise_deferred_error(state)
+        await self._check_byte_quota(state, offset + len(data))
         await self.budget.reserve(len(data))  # back-pressure before taking memory
         try:
             async with state.lock:
@@ -393,6 +401,15 @@ class FileSystem:
 
     def _buffered(self, state: FileState) -> int:
         return sum(len(b) for b in state.dirty.values()) + state.pending_bytes
+
+    async def _check_byte_quota(self, state: FileState, new_end: int) -> None:
+        """Refuse growth past the quota at write() already (the commit checks it exactly)."""
+        if new_end <= state.size:
+            return
+        usage = await self.usage()
+        growth = new_end - state.committed_size
+        if usage.quota_bytes is not None and usage.logical_bytes + growth > usage.quota_bytes:
+            raise QuotaExceededError("byte quota exceeded")
 
     def _account(self, state: FileState) -> None:
         """Charge the budget with what `state` buffers now: the one place it changes."""
@@ -561,6 +578,7 @@ class FileSystem:
                     state.chunk_map.pop(index, None)
                 else:
                     state.chunk_map[index] = ref
+        self._count_growth(size - state.committed_size)
         state.committed_size = size
         times = {} if mtime_ns is None else {"mtime_ns": mtime_ns, "ctime_ns": mtime_ns}
         state.attrs = replace(state.attrs, size=size, **times)
@@ -747,6 +765,12 @@ class FileSystem:
         if self._usage is None or now - self._usage[0] > self.settings.statfs_cache_s:
             self._usage = (now, await self._meta(self.meta.usage))
         return self._usage[1]
+
+    def _count_growth(self, growth: int) -> None:
+        """Keep the cached usage in step with this mount's own commits (quota checks)."""
+        if self._usage is not None and growth:
+            cached_at, usage = self._usage
+            self._usage = (cached_at, replace(usage, logical_bytes=usage.logical_bytes + growth))
 
     async def capacity(self) -> Capacity:
         usage = await self.usage()
