@@ -177,7 +177,12 @@ class Operations(pyfuse3.Operations):
 
     @errno_boundary
     async def open(self, inode, flags, ctx):
-        return pyfuse3.FileInfo(fh=await self.fs.open(self._ino(inode), flags))
+        fh, current = await self.fs.open(self._ino(inode), flags)
+        if not current:
+            # Changed by another mount since the kernel cached it: drop the cached size
+            # (keep_cache=False drops the cached pages).
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=current)
 
     @errno_boundary
     async def create(self, parent_inode, name, mode, flags, ctx):

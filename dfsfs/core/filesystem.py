@@ -144,6 +144,7 @@ class FileSystem:
         self._usage: tuple[float, Usage] | None = None
         self._missing_xattrs: dict[tuple[int, bytes], float] = {}  # (ino, name) -> expiry
         self._recent_attrs: dict[int, tuple[float, Attrs]] = {}  # ino -> (expiry, attrs)
+        self._versions: dict[int, tuple[int, int]] = {}  # ino -> (mtime_ns, size) last seen
         self._nursery: trio.Nursery | None = None
         self._zeros = bytes(settings.chunk_size)
 
@@ -159,7 +160,10 @@ class FileSystem:
     async def flush_all(self) -> None:
         """Commit every buffered write (unmount, SIGTERM)."""
         for state in list(self._states.values()):
-            await self._commit(state)
+            try:
+                await self._commit(state)
+            except DfsfsError as error:  # one file's failure must not cost the others theirs
+                log.error("inode %d: buffered writes could not be committed: %s", state.ino, error)
 
     async def _meta(self, function, *args, **kwargs):
         return await trio.to_thread.run_sync(
@@ -210,6 +214,7 @@ class FileSystem:
     ) -> Attrs:
         if size is not None:
             await self._truncate(ino, size)
+            self._recent_attrs.pop(ino, None)
         owner_changes = {k: v for k, v in changes.items() if k in ("uid", "gid")}
         if owner_changes and caller_uid != 0:
             current = await self._meta(self.meta.get_attrs, ino)
@@ -300,14 +305,17 @@ class FileSystem:
 
     # ---- open files ------------------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open a file; also says whether what the kernel cached of it is still current."""
         state = self._states.get(ino)
+        current = True
         if state is None or not state.has_uncommitted:
             # Close-to-open: what other mounts committed is visible to the next open.
             attrs, chunk_map = await self._meta(self.meta.open_file, ino, MAP_AT_OPEN_CHUNKS *
                                                 self.settings.chunk_size)
             if stat_module.S_ISDIR(attrs.mode):
                 raise IsDirectoryError("is a directory")
+            current = self._seen_version(attrs)
             state = self._states.get(ino)
             if state is None:
                 state = self._states[ino] = FileState(attrs)
@@ -322,7 +330,17 @@ class FileSystem:
             except BaseException:
                 await self.release(fh)
                 raise
-        return fh
+        return fh, current
+
+    def _seen_version(self, attrs: Attrs) -> bool:
+        """Record the file's committed version; False if it changed since this mount saw it
+        (another mount wrote it): the kernel's cached pages and size are then stale."""
+        version = (attrs.mtime_ns, attrs.size)
+        if len(self._versions) > 100_000:
+            self._versions.clear()
+        previous = self._versions.get(attrs.ino)
+        self._versions[attrs.ino] = version
+        return previous == version
 
     def _open_state(self, attrs: Attrs, flags: int) -> int:
         state = self._states.get(attrs.ino)
@@ -582,6 +600,7 @@ class FileSystem:
         state.committed_size = size
         times = {} if mtime_ns is None else {"mtime_ns": mtime_ns, "ctime_ns": mtime_ns}
         state.attrs = replace(state.attrs, size=size, **times)
+        self._versions[state.ino] = (state.attrs.mtime_ns, size)  # our pages match our writes
         self._reclaim_soon(reclaimable)
 
     def _ensure_stored(self, data_by_digest: dict[bytes, bytearray], digests: list[bytes]) -> None:

@@ -191,6 +191,8 @@ class MetadataStore:
     def _exec(self, conn: Connection, sql: str, **params) -> "_Result":
         """Run one statement on the transaction's DBAPI connection (SQLAlchemy's statement
         layer costs more than the query itself on these short, hot statements)."""
+        if "uid" in params:
+            raise AssertionError("':uid' is reserved for the account id")
         params["uid"] = self.user_id
         cursor = conn.connection.dbapi_connection.cursor()
         try:
@@ -607,14 +609,15 @@ class MetadataStore:
             raise InvalidArgumentError(f"cannot set {sorted(set(changes) - allowed)}")
 
         def work(conn):
-            assignments = "".join(f", {column} = :{column}" for column in changes)
+            # ':uid' is the account in every statement: new values get their own names.
+            assignments = "".join(f", {column} = :new_{column}" for column in changes)
             row = self._exec(
                 conn,
                 f"UPDATE inodes i SET ctime_ns = :now{assignments}"
                 f" WHERE id = :ino AND user_id = :uid RETURNING {INODE_COLUMNS}",
                 ino=ino,
                 now=now_ns,
-                **changes,
+                **{f"new_{column}": value for column, value in changes.items()},
             ).first()
             if row is None:
                 raise NotFoundError(f"inode {ino} does not exist")
