@@ -120,19 +120,22 @@ def throttle_delay_s(failures: int) -> float:
 
 
 def login(accounts: AccountStore, name: str, password: str) -> User:
-    """The account if `password` is right; raises AuthError (ThrottledError while locked)."""
+    """The account if `password` is right; raises AuthError (ThrottledError while locked).
+
+    The attempt is counted as a failure before the password is checked (a success then
+    resets the count), so parallel guesses cannot all get in before the lock is set.
+    """
     hasher = password_hasher()
     user = accounts.get_user(name)
-    if user is not None:
-        _refuse_if_throttled(user)
+    locked_s = accounts.claim_login_attempt(user.id if user else None, utcnow(), throttle_delay_s)
+    if locked_s > 0:
+        log.info("login refused for user id %d: throttled", user.id)
+        raise ThrottledError(math.ceil(locked_s))
     if user is None or not _verify(hasher, user.password_hash, password):
         if user is None:
             _verify(hasher, _dummy_hash(hasher), password)
-        failures = accounts.record_failed_login(
-            user.id if user else None, utcnow(), throttle_delay_s
-        )
-        if user is not None:
-            log.info("failed login for user id %d (%d in a row)", user.id, failures)
+        else:
+            log.info("failed login for user id %d", user.id)
         raise AuthError(LOGIN_FAILED)
     if hasher.check_needs_rehash(user.password_hash):
         accounts.set_password_hash(user.id, hasher.hash(password))
@@ -140,12 +143,3 @@ def login(accounts: AccountStore, name: str, password: str) -> User:
     accounts.record_successful_login(user.id)
     log.info("user id %d logged in", user.id)
     return accounts.get_user_by_id(user.id)
-
-
-def _refuse_if_throttled(user: User) -> None:
-    if user.throttled_until is None:
-        return
-    remaining = (user.throttled_until - utcnow()).total_seconds()
-    if remaining > 0:
-        log.info("login refused for user id %d: throttled", user.id)
-        raise ThrottledError(math.ceil(remaining))

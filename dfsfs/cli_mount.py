@@ -79,11 +79,13 @@ def _daemon_pid(settings: Settings, mountpoint: str) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to reap it."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            state = stat.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, IndexError):
         return False
-    return True
+    return state not in ("Z", "X")
 
 
 # ---- mount -----------------------------------------------------------------------------------

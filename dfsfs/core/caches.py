@@ -4,6 +4,8 @@ from collections import OrderedDict
 
 import trio
 
+PRESSURE_REPEAT_S = 0.05
+
 
 class ReadCache:
     """Verified chunk contents by digest, least recently used evicted past a byte budget."""
@@ -50,8 +52,9 @@ class WriteBudget:
     async def reserve(self, nbytes: int) -> None:
         # A single request larger than the budget is let through alone.
         while self.used_bytes and self.used_bytes + nbytes > self.limit_bytes:
-            self.pressure.set()
-            await self._room.wait()
+            self.pressure.set()  # again each round: a commit under way may free nothing
+            with trio.move_on_after(PRESSURE_REPEAT_S):
+                await self._room.wait()
         self.used_bytes += nbytes
 
     def release(self, nbytes: int) -> None:

@@ -24,6 +24,7 @@ from dfsfs.errors import (
     DfsfsError,
     InvalidArgumentError,
     IsDirectoryError,
+    MetadataUnavailableError,
     NameTooLongError,
     NoAttributeError,
     NotSupportedError,
@@ -52,6 +53,7 @@ class CoreSettings:
     commit_batch_bytes: int = 32 << 20  # commit full chunks in batches of this size
     flush_interval_s: float = 5.0  # commit buffered writes idle this long
     statfs_cache_s: float = 2.0
+    metadata_timeout_s: float = 8.0  # then EIO: a frozen database must not hang callers
     attr_cache_s: float = 1.0  # as long as the kernel's own attribute cache
     missing_xattr_cache_s: float = 1.0  # the kernel asks for security.capability before every write
     thread_limit: int = 8
@@ -166,9 +168,16 @@ class FileSystem:
                 log.error("inode %d: buffered writes could not be committed: %s", state.ino, error)
 
     async def _meta(self, function, *args, **kwargs):
-        return await trio.to_thread.run_sync(
-            partial(function, *args, **kwargs), limiter=self.meta_limiter
-        )
+        """A metadata call in a worker thread, failing (EIO) if the database does not answer
+        in time: a frozen server must not hang the file system. An abandoned call may
+        still complete later; each is one transaction, so it lands whole or not at all."""
+        with trio.move_on_after(self.settings.metadata_timeout_s):
+            return await trio.to_thread.run_sync(
+                partial(function, *args, **kwargs), limiter=self.meta_limiter,
+                abandon_on_cancel=True,
+            )
+        raise MetadataUnavailableError(
+            f"the metadata database did not answer within {self.settings.metadata_timeout_s:g} s")
 
     async def _chunks(self, function, *args):
         return await trio.to_thread.run_sync(partial(function, *args), limiter=self.chunk_limiter)
@@ -518,9 +527,11 @@ class FileSystem:
     async def _commit_in_background(self, state: FileState, stored_only: bool) -> None:
         try:
             await self._commit(state, stored_only=stored_only)
-        except Exception as error:  # noqa: BLE001 - reported at the file's next flush
+        except DfsfsError as error:
             log.warning("background commit of inode %d failed: %s", state.ino, error)
-            state.error = error
+            if not state.has_uncommitted:
+                state.error = error  # writes were lost: the file's next flush must say so
+            # otherwise the writes stay buffered and a later commit retries them
         finally:
             state.commit_scheduled = False
 

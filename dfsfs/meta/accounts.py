@@ -190,32 +190,38 @@ class AccountStore:
 
     # --- login throttling state ----------------------------------------------------------
 
-    def record_failed_login(
+    def claim_login_attempt(
         self, user_id: int | None, now: datetime, delay_s: Callable[[int], float]
-    ) -> int:
-        """Count a failed login and throttle the account for `delay_s(failures)` seconds.
+    ) -> float:
+        """Count a login attempt as failed before its password is checked, atomically.
 
-        Returns the number of consecutive failures. `user_id` None (an unknown name) runs
-        the same statement matching no row, so that a failed login costs the same whether
-        or not the account exists."""
+        Returns the seconds the account is still locked (the attempt is refused), else 0
+        (the attempt is counted and may go on; a success resets the count). Claiming
+        first means parallel guesses cannot all slip in before the lock is set. `user_id`
+        None runs the same statements matching no row.
+        """
 
-        def work(conn: Connection) -> int:
-            failures = conn.execute(
-                sa.update(users)
+        def work(conn: Connection) -> float:
+            row = conn.execute(
+                sa.select(users.c.failed_logins, users.c.throttled_until)
                 .where(users.c.id == (-1 if user_id is None else user_id))
-                .values(failed_logins=users.c.failed_logins + 1)
-                .returning(users.c.failed_logins)
-            ).scalar()
-            if failures is None:
+                .with_for_update()
+            ).first()
+            if row is None:
                 return 0
-            delay = delay_s(failures)
-            if delay > 0:
-                conn.execute(
-                    sa.update(users)
-                    .where(users.c.id == user_id)
-                    .values(throttled_until=now + timedelta(seconds=delay))
+            failures, throttled_until = row
+            if throttled_until is not None and throttled_until > now:
+                return (throttled_until - now).total_seconds()
+            delay = delay_s(failures + 1)
+            conn.execute(
+                sa.update(users)
+                .where(users.c.id == user_id)
+                .values(
+                    failed_logins=failures + 1,
+                    throttled_until=now + timedelta(seconds=delay) if delay > 0 else None,
                 )
-            return failures
+            )
+            return 0
 
         return self._run(work)
 

@@ -17,22 +17,32 @@ def _create_tables(conn: Connection) -> None:
     schema.metadata.create_all(conn, tables=tables)
 
 
+def _scope_rows(conn: Connection, table: str, user_column: str) -> None:
+    """Row-level security: a connection sees the rows of its own user (or all, as admin)."""
+    conn.exec_driver_sql(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+    conn.exec_driver_sql(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
+    conn.exec_driver_sql(
+        f"CREATE POLICY {table}_by_user ON {table} USING ("
+        " current_setting('dfsfs.admin', true) = 'on'"
+        f" OR {user_column} = nullif(current_setting('dfsfs.user_id', true), '')::bigint)"
+    )
+
+
 def _row_level_security(conn: Connection) -> None:
     """Defense in depth: a query missing its user filter sees only the scoped user's rows."""
     for table in schema.USER_OWNED_TABLES:
-        name = table.name
-        conn.exec_driver_sql(f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY")
-        conn.exec_driver_sql(f"ALTER TABLE {name} FORCE ROW LEVEL SECURITY")
-        conn.exec_driver_sql(
-            f"CREATE POLICY {name}_by_user ON {name} USING ("
-            " current_setting('dfsfs.admin', true) = 'on'"
-            " OR user_id = nullif(current_setting('dfsfs.user_id', true), '')::bigint)"
-        )
+        _scope_rows(conn, table.name, "user_id")
+
+
+def _row_level_security_on_accounts(conn: Connection) -> None:
+    """A user's connection sees its own account row only (not others' password hashes)."""
+    _scope_rows(conn, schema.users.name, "id")
 
 
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _create_tables),
     (2, _row_level_security),
+    (3, _row_level_security_on_accounts),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 
