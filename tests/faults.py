@@ -287,3 +287,18 @@ def chunk_files(store_root, uid: int | None = None) -> list[Path]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         worker_main(json.loads(sys.argv[2]))
+
+
+def write_bytes(path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def errno_for(function, *args) -> int:
+    """The errno a call fails with (0 on success), never waiting more than 30 s."""
+    return errno_of(function, *args, timeout=30)[0]

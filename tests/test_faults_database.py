@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from dfsfs.embedded import PostgresServer
-from faults import Hung, bounded, content, drop_caches, errno_of, fsck, mounted, teardown
+from faults import Hung, bounded, content, drop_caches, errno_of, fsck, mounted, read_bytes, teardown, write_bytes
 from mounting import Deployment, _alive, is_mount
 
 FAST_FAILURE_S = 10  # an operation during the outage must fail within this
@@ -61,14 +61,6 @@ def deployment(server, request):
     return dep
 
 
-def write_file(path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def read_file(path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def create_file(path) -> None:
@@ -123,9 +115,9 @@ def test_database_outage_fails_fast_and_recovers(server, deployment):
     root = mnt.path
     before = content("before", 300_000)
     try:
-        write_file(root / "before", before)
+        write_bytes(root / "before", before)
         os.mkdir(root / "dir")
-        write_file(root / "dir" / "inside", b"inside")
+        write_bytes(root / "dir" / "inside", b"inside")
         held = os.open(root / "held", os.O_WRONLY | os.O_CREAT, 0o644)
         os.write(held, b"acknowledged")
         os.fsync(held)
@@ -137,7 +129,7 @@ def test_database_outage_fails_fast_and_recovers(server, deployment):
             "listdir": expect_eio("listdir", os.listdir, root / "dir"),
             "create": expect_eio("create", create_file, root / "created-during-outage"),
             "mkdir": expect_eio("mkdir", os.mkdir, root / "dir-during-outage"),
-            "write+close of a new file": expect_eio("write+close", write_file, root / "w", b"data"),
+            "write+close of a new file": expect_eio("write+close", write_bytes, root / "w", b"data"),
             "unlink": expect_eio("unlink", os.unlink, root / "before"),
         }
         # A file opened before the outage: the write is buffered, its commit at close fails.
@@ -152,17 +144,17 @@ def test_database_outage_fails_fast_and_recovers(server, deployment):
         assert attempts <= 3, f"{attempts} attempts before the mount worked again"
         code, _ = errno_of(os.stat, root / "never-looked-up-2")
         assert code == errno.ENOENT, f"stat of a missing name after recovery: errno {code}"
-        works("write+close", write_file, root / "after", b"after the outage")
-        assert works("read", read_file, root / "after") == b"after the outage"
+        works("write+close", write_bytes, root / "after", b"after the outage")
+        assert works("read", read_bytes, root / "after") == b"after the outage"
         works("mkdir", os.mkdir, root / "dir-after")
         assert sorted(works("listdir", os.listdir, root / "dir")) == ["inside"]
         drop_caches()
-        assert works("read", read_file, root / "before") == before, "a file from before the outage changed"
-        assert works("read", read_file, root / "dir" / "inside") == b"inside"
-        held_now = works("read of the file whose close failed", read_file, root / "held")
+        assert works("read", read_bytes, root / "before") == before, "a file from before the outage changed"
+        assert works("read", read_bytes, root / "dir" / "inside") == b"inside"
+        held_now = works("read of the file whose close failed", read_bytes, root / "held")
         assert held_now in (b"acknowledged", b"acknowledged and more"), held_now
-        works("rewriting the file whose close failed", write_file, root / "held", b"rewritten")
-        assert works("read", read_file, root / "held") == b"rewritten"
+        works("rewriting the file whose close failed", write_bytes, root / "held", b"rewritten")
+        assert works("read", read_bytes, root / "held") == b"rewritten"
         umount_cleanly(deployment, mnt)
     finally:
         print("daemon log:\n" + mnt.new_log()[-6000:])  # shown when the test fails
@@ -172,9 +164,9 @@ def test_database_outage_fails_fast_and_recovers(server, deployment):
     mnt = deployment.mount("dbuser", root)
     try:
         drop_caches()
-        assert read_file(root / "before") == before
-        assert read_file(root / "held") == b"rewritten"
-        assert read_file(root / "after") == b"after the outage"
+        assert read_bytes(root / "before") == before
+        assert read_bytes(root / "held") == b"rewritten"
+        assert read_bytes(root / "after") == b"after the outage"
         assert sorted(os.listdir(root)) == ["after", "before", "dir", "dir-after", "held"]
     finally:
         teardown(mnt)
@@ -236,7 +228,7 @@ class Holder:
 def committed_content(deployment, user: str, name: str) -> bytes:
     """The file's content as another mount (a fresh daemon) sees it: what was committed."""
     with mounted(deployment, user) as other:
-        return read_file(other.path / name)
+        return read_bytes(other.path / name)
 
 
 def test_outage_longer_than_the_flush_interval(server, deployment):
@@ -248,7 +240,7 @@ def test_outage_longer_than_the_flush_interval(server, deployment):
     root = mnt.path
     synced = closed = None
     try:
-        write_file(root / "kept", b"kept")
+        write_bytes(root / "kept", b"kept")
         closed = Holder(root / "closed")
         synced = Holder(root / "synced")
         for holder in (closed, synced):
@@ -276,16 +268,16 @@ def test_outage_longer_than_the_flush_interval(server, deployment):
         assert got == b"acknowledged" + b"y" * 70_000, f"{len(got)} bytes committed"
 
         drop_caches()
-        got = works("read of a file whose close failed during the outage", read_file, root / "closed")
+        got = works("read of a file whose close failed during the outage", read_bytes, root / "closed")
         assert got in (b"acknowledged", b"acknowledgedmore"), got
-        works("rewriting a file whose close failed during the outage", write_file, root / "closed", b"new")
-        assert works("read", read_file, root / "closed") == b"new"
+        works("rewriting a file whose close failed during the outage", write_bytes, root / "closed", b"new")
+        assert works("read", read_bytes, root / "closed") == b"new"
         assert synced.errno("write again") == 0, "write to the open file after recovery"
         assert synced.errno("fsync") == 0, "fsync of the open file after recovery"
         assert synced.errno("close") == 0, "close of the open file after recovery"
-        got = works("read", read_file, root / "synced")
+        got = works("read", read_bytes, root / "synced")
         assert got == b"acknowledged" + b"y" * 70_000 + b"again", f"{len(got)} bytes"
-        assert works("read", read_file, root / "kept") == b"kept"
+        assert works("read", read_bytes, root / "kept") == b"kept"
         umount_cleanly(deployment, mnt)
     finally:
         print("daemon log:\n" + mnt.new_log()[-6000:])  # shown when the test fails
@@ -313,7 +305,7 @@ def test_unresponsive_database_fails_fast_too(server, deployment):
     root = mnt.path
     frozen = []
     try:
-        write_file(root / "f", b"before")
+        write_bytes(root / "f", b"before")
         os.stat(root / "f")
         frozen = postgres_pids(server)
         for pid in frozen:
@@ -331,8 +323,8 @@ def test_unresponsive_database_fails_fast_too(server, deployment):
             os.kill(pid, signal.SIGCONT)
         frozen = []
         until_it_works("stat", os.stat, root / "f")
-        assert works("read", read_file, root / "f") == b"before"
-        works("write+close", write_file, root / "g", b"after")
+        assert works("read", read_bytes, root / "f") == b"before"
+        works("write+close", write_bytes, root / "g", b"after")
     finally:
         for pid in frozen:
             with contextlib.suppress(ProcessLookupError):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from faults import adopt, bounded, chunk_files, content, drop_caches, errno_of, fsck, query, teardown, user_id
+from faults import (adopt, bounded, chunk_files, content, drop_caches, errno_for, fsck, query,
+                    read_bytes, teardown, user_id, write_bytes)
 from mounting import DFSFS, PASSWORD, deployment, is_mount, mnt, work  # noqa: F401
 
 CHUNK_SIZE = "64K"
@@ -29,19 +30,7 @@ WATCHDOG_S = 90
 TIB = 1 << 40
 
 
-def write(path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
-
-def read(path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def errno_for(function, *args) -> int:
-    code, _ = errno_of(function, *args, timeout=30)
-    return code
 
 
 # ---- names ---------------------------------------------------------------------------------------
@@ -56,13 +45,13 @@ ODD_NAMES = [
 def test_odd_names_round_trip(mnt, work):
     root = os.fsencode(str(work))
     for index, name in enumerate(ODD_NAMES):
-        write(os.path.join(root, name), name + b"!" + str(index).encode())
+        write_bytes(os.path.join(root, name), name + b"!" + str(index).encode())
         os.mkdir(os.path.join(root, b"d" + name[:254]))
     listed = set(os.listdir(root))
     expected = set(ODD_NAMES) | {b"d" + n[:254] for n in ODD_NAMES}
     assert listed == expected, f"missing {expected - listed}, unexpected {listed - expected}"
     for index, name in enumerate(ODD_NAMES):
-        assert read(os.path.join(root, name)) == name + b"!" + str(index).encode()
+        assert read_bytes(os.path.join(root, name)) == name + b"!" + str(index).encode()
         os.rename(os.path.join(root, name), os.path.join(root, b"d" + name[:254], name))
     for name in ODD_NAMES:
         inner = os.path.join(root, b"d" + name[:254], name)
@@ -75,7 +64,7 @@ def test_odd_names_round_trip(mnt, work):
     for name in ODD_NAMES:
         inner = os.path.join(root, b"d" + name[:254], name)
         assert os.listdir(os.path.dirname(inner)) == [name]
-        assert read(inner).startswith(name + b"!")
+        assert read_bytes(inner).startswith(name + b"!")
     shutil.rmtree(root)
     assert not os.path.exists(root)
 
@@ -85,12 +74,12 @@ def test_name_length_limits(mnt, work):
     longest = b"n" * 255
     too_long = b"n" * 256
     multibyte_too_long = "é".encode() * 128  # 128 characters, 256 bytes
-    write(os.path.join(root, longest), b"255")
-    assert read(os.path.join(root, longest)) == b"255"
-    write(os.path.join(root, b"short"), b"s")
+    write_bytes(os.path.join(root, longest), b"255")
+    assert read_bytes(os.path.join(root, longest)) == b"255"
+    write_bytes(os.path.join(root, b"short"), b"s")
     for name in (too_long, multibyte_too_long, b"m" * 1000):
         path = os.path.join(root, name)
-        assert errno_for(write, path, b"x") == errno.ENAMETOOLONG, f"create {len(name)} bytes"
+        assert errno_for(write_bytes, path, b"x") == errno.ENAMETOOLONG, f"create {len(name)} bytes"
         assert errno_for(os.mkdir, path) == errno.ENAMETOOLONG, "mkdir"
         assert errno_for(os.symlink, b"target", path) == errno.ENAMETOOLONG, "symlink"
         assert errno_for(os.link, os.path.join(root, b"short"), path) == errno.ENAMETOOLONG, "link"
@@ -110,8 +99,8 @@ def test_dot_and_dotdot_tricks(mnt, work):
     os.mkdir(at("a", "..", "b"))  # resolves to work/b
     assert sorted(os.listdir(work)) == ["a", "b"]
     assert os.listdir(at("a")) == []
-    write(at("a", "..", "b", ".", "f"), b"via dots")
-    assert read(at("b", "f")) == b"via dots"
+    write_bytes(at("a", "..", "b", ".", "f"), b"via dots")
+    assert read_bytes(at("b", "f")) == b"via dots"
     refused = (errno.EBUSY, errno.EISDIR, errno.EEXIST, errno.EINVAL, errno.ENOTEMPTY)
     for target in (at("a", "."), at("a", ".."), at(".")):
         code = errno_for(os.rename, at("b", "f"), target)
@@ -140,9 +129,9 @@ def test_dot_and_dotdot_tricks(mnt, work):
         os.close(directory)
     # names that only look like dots are ordinary names
     for name in ("...", ". ", " ..", ".hidden", "..\n"):
-        write(at("a", name), name.encode())
+        write_bytes(at("a", name), name.encode())
     assert sorted(os.listdir(at("a"))) == sorted(["...", ". ", " ..", ".hidden", "..\n"])
-    assert read(at("a", " ..")) == b" .." and read(at("a", "..\n")) == b"..\n"
+    assert read_bytes(at("a", " ..")) == b" .." and read_bytes(at("a", "..\n")) == b"..\n"
     # the tree is intact: link counts, parents
     assert sorted(os.listdir(work)) == ["a", "b"]
     assert os.stat(work).st_nlink == 4  # its entry, its ".", and the ".." of a and b
@@ -151,7 +140,7 @@ def test_dot_and_dotdot_tricks(mnt, work):
     os.rename(at("b"), at("a", "b"))
     assert os.stat(at("a")).st_nlink == 3 and os.stat(work).st_nlink == 3
     assert os.stat(at("a", "b", "..")).st_ino == os.stat(at("a")).st_ino
-    assert read(at("a", "b", "f")) == b"via dots"
+    assert read_bytes(at("a", "b", "f")) == b"via dots"
 
 
 # ---- sizes ---------------------------------------------------------------------------------------
@@ -208,13 +197,13 @@ def test_write_at_one_tebibyte_is_sparse(deployment, mnt, work):
 def test_zero_length_files_survive_remount(mnt, work):
     names = []
     for index in range(5):
-        write(work / f"empty{index}", b"")
+        write_bytes(work / f"empty{index}", b"")
         names.append(f"empty{index}")
     Path(work / "touched").touch()
     os.close(os.open(work / "opened", os.O_WRONLY | os.O_CREAT, 0o600))
-    write(work / "truncated", b"something")
+    write_bytes(work / "truncated", b"something")
     os.truncate(work / "truncated", 0)
-    write(work / "otrunc", b"something else")
+    write_bytes(work / "otrunc", b"something else")
     os.close(os.open(work / "otrunc", os.O_WRONLY | os.O_TRUNC))
     names += ["touched", "opened", "truncated", "otrunc"]
     os.mkdir(work / "emptydir")
@@ -224,7 +213,7 @@ def test_zero_length_files_survive_remount(mnt, work):
     for name in names:
         st = os.stat(work / name)
         assert stat.S_ISREG(st.st_mode) and st.st_size == 0, (name, st)
-        assert read(work / name) == b"", name
+        assert read_bytes(work / name) == b"", name
     assert stat.S_IMODE(os.stat(work / "opened").st_mode) == 0o600
     assert os.listdir(work / "emptydir") == []
 
@@ -239,7 +228,7 @@ def test_thousand_concurrent_writers_on_different_files(mnt, work):
         return content(f"many/{index}", random.Random(index).choice([0, 1, 100, 5000, 70_000]))
 
     def write_one(index: int) -> None:
-        write(work / f"f{index:04d}", data_of(index))
+        write_bytes(work / f"f{index:04d}", data_of(index))
 
     started = time.monotonic()
     with ThreadPoolExecutor(64) as pool:
@@ -250,7 +239,7 @@ def test_thousand_concurrent_writers_on_different_files(mnt, work):
     assert len(os.listdir(work)) == count
     drop_caches()
     for index in range(count):
-        assert read(work / f"f{index:04d}") == data_of(index), index
+        assert read_bytes(work / f"f{index:04d}") == data_of(index), index
 
 
 def test_eight_threads_write_disjoint_ranges_of_one_file(mnt, work):
@@ -298,11 +287,11 @@ def test_eight_threads_write_disjoint_ranges_of_one_file(mnt, work):
         assert os.pread(fd, len(wanted) + 10, 0) == bytes(wanted), f"{path.name}: through the open fd"
         os.close(fd)
         drop_caches()
-        assert read(path) == bytes(wanted), path.name
+        assert read_bytes(path) == bytes(wanted), path.name
     mnt.remount()
     drop_caches()
     for path, wanted in expected.items():
-        actual = read(path)
+        actual = read_bytes(path)
         assert len(actual) == len(wanted), path.name
         if actual != bytes(wanted):
             bad = next(i for i in range(len(actual)) if actual[i] != wanted[i])
@@ -320,7 +309,7 @@ def test_directory_tree_of_depth_200(deployment, mnt, work):
         path = path / f"level{level:03d}"
         os.mkdir(path)
         if level % 50 == 49:
-            write(path / "file", f"at {level}".encode())
+            write_bytes(path / "file", f"at {level}".encode())
     assert len(str(path)) > 1800
     drop_caches()
     seen_dirs = seen_files = 0
@@ -331,12 +320,12 @@ def test_directory_tree_of_depth_200(deployment, mnt, work):
         deepest = max(deepest, Path(dirpath).relative_to(work).parts.__len__())
         for name in filenames:
             level = int(Path(dirpath).name[5:])
-            assert read(Path(dirpath) / name) == f"at {level}".encode()
+            assert read_bytes(Path(dirpath) / name) == f"at {level}".encode()
     assert (seen_dirs, seen_files, deepest) == (depth, depth // 50, depth)
     # a rename near the top moves the whole chain; the bottom is still reachable
     os.rename(work / "level000", work / "top")
     bottom = work / "top" / Path(*[f"level{level:03d}" for level in range(1, depth)])
-    assert read(bottom / "file") == f"at {depth - 1}".encode()
+    assert read_bytes(bottom / "file") == f"at {depth - 1}".encode()
     assert errno_for(os.rename, work / "top", bottom / "into-itself") == errno.EINVAL
     shutil.rmtree(work / "top")
     assert os.listdir(work) == []
@@ -497,8 +486,8 @@ def test_secrets_never_leak(deployment, tmp_path):
     run("mount", mount_path, "--user", user, "--password-file", password_file)
     live = adopt(deployment, user, mount_path)
     try:
-        write(mount_path / "f", b"data")
-        assert read(mount_path / "f") == b"data"
+        write_bytes(mount_path / "f", b"data")
+        assert read_bytes(mount_path / "f") == b"data"
         errno_for(os.stat, mount_path / "missing")
         run("stats", "--user", user, "--password-file", password_file, "--json")
         run("stats", "--all")

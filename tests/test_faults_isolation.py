@@ -25,7 +25,8 @@ from dfsfs.meta.db import create_engine
 from dfsfs.meta.schema import USER_OWNED_TABLES
 from dfsfs.errors import NotFoundError
 from dfsfs.meta.store import MetadataStore
-from faults import chunk_file, content, drop_caches, errno_of, mounted, query, teardown, user_id
+from faults import (chunk_file, content, drop_caches, errno_for, mounted, query, read_bytes,
+                    teardown, user_id, write_bytes)
 from mounting import Deployment, is_mount
 
 PASSWORD_A = "pw-of-alice-A"
@@ -42,18 +43,7 @@ def deployments(database_url, tmp_path_factory):
     return a, b
 
 
-def write(path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
 
-
-def read(path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def errno_for(function, *args) -> int:
-    return errno_of(function, *args, timeout=30)[0]
 
 
 def sha(data: bytes) -> bytes:
@@ -87,7 +77,7 @@ def open_by_forged_handle(mount_path, like_path, kernel_ino: int) -> tuple[int, 
         if fd < 0:
             return ctypes.get_errno(), None
         try:
-            return 0, os.read(fd, 1 << 20)
+            return 0, os.read_bytes(fd, 1 << 20)
         finally:
             os.close(fd)
     finally:
@@ -106,12 +96,12 @@ def test_accounts_are_isolated(deployments):
         assert uid_a != uid_b
 
         # ---- each account's own files, some of them identical, some with the same names
-        write(a / "same", SHARED)
-        write(b / "same", SHARED)
-        write(a / "only-a", b"A's data")
+        write_bytes(a / "same", SHARED)
+        write_bytes(b / "same", SHARED)
+        write_bytes(a / "only-a", b"A's data")
         os.mkdir(b / "bdir")
-        write(b / "bdir" / "secret", b"B's secret")
-        write(b / "only-b", b"B's data")
+        write_bytes(b / "bdir" / "secret", b"B's secret")
+        write_bytes(b / "only-b", b"B's data")
         os.setxattr(a / "only-a", "user.owner", b"alice")
         os.setxattr(b / "bdir" / "secret", "user.owner", b"bob")
         assert sorted(os.listdir(a)) == ["only-a", "same"]
@@ -120,8 +110,8 @@ def test_accounts_are_isolated(deployments):
         # ---- B's names do not exist in A's mount; A's changes never reach B
         for name in ("bdir", "only-b", "bdir/secret"):
             assert errno_for(os.stat, a / name) == errno.ENOENT, name
-        write(a / "only-b", b"A's own file of that name")
-        assert read(b / "only-b") == b"B's data"
+        write_bytes(a / "only-b", b"A's own file of that name")
+        assert read_bytes(b / "only-b") == b"B's data"
         assert errno_for(os.link, a / "only-a", b / "linked") == errno.EXDEV
         assert errno_for(os.link, b / "only-b", a / "linked") == errno.EXDEV
         assert errno_for(os.rename, a / "only-a", b / "moved") == errno.EXDEV
@@ -163,7 +153,7 @@ def test_accounts_are_isolated(deployments):
                 MetadataStore(engine_a, uid_b)
         finally:
             engine_a.dispose()
-        assert read(b / "only-b") == b"B's data" and errno_for(os.stat, a / "stolen") == errno.ENOENT
+        assert read_bytes(b / "only-b") == b"B's data" and errno_for(os.stat, a / "stolen") == errno.ENOENT
 
         # ---- identical files share no chunk
         digests = [sha(SHARED[i:i + 65536]) for i in range(0, len(SHARED), 65536)]
@@ -196,9 +186,9 @@ def test_accounts_are_isolated(deployments):
         drop_caches()
         mnt_a.mount()
         mnt_b.mount()
-        assert read(a / "same") == SHARED
-        assert errno_for(read, b / "same") == errno.EIO
-        assert read(b / "bdir" / "secret") == b"B's secret"
+        assert read_bytes(a / "same") == SHARED
+        assert errno_for(read_bytes, b / "same") == errno.EIO
+        assert read_bytes(b / "bdir" / "secret") == b"B's secret"
 
     # ---- row-level security: every user-owned table, a query without a user filter
     row_level_security(url, uid_a, uid_b)
