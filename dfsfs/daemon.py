@@ -86,7 +86,8 @@ def _capacity_probe(store_url: str) -> Callable[[], tuple[int, int]] | None:
 
 def fuse_options(request: MountRequest) -> set[str]:
     options = set(pyfuse3.default_options)
-    options |= {"fsname=dfsfs", "subtype=dfsfs", "noatime"}
+    # A source that is no path (mount would make a relative one absolute).
+    options |= {f"fsname=dfsfs:user{request.user_id}", "subtype=dfsfs", "noatime"}
     options |= set(request.fuse_options)
     return options
 

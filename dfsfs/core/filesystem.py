@@ -41,7 +41,9 @@ PATH_MAX = 4096
 XATTR_SIZE_MAX = 65536
 UNSUPPORTED_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 MAP_AT_OPEN_CHUNKS = 64  # files up to this many chunks get their chunk map with their attrs
-CAPABILITY_XATTR = b"security.capability"  # asked for by the kernel before writes
+CAPABILITY_XATTR = b"security.capability"
+RECLAIM_GATHER_S = 0.2
+RECLAIM_BATCH = 512  # asked for by the kernel before writes
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,9 @@ class FileSystem:
         self._missing_xattrs: dict[tuple[int, bytes], float] = {}  # (ino, name) -> expiry
         self._recent_attrs: dict[int, tuple[float, Attrs]] = {}  # ino -> (expiry, attrs)
         self._versions: dict[int, tuple[int, int]] = {}  # ino -> (mtime_ns, size) last seen
+        self._reclaimable: list[ReclaimableChunk] = []  # chunks to delete, gathered in batches
+        self._reclaim_wanted = trio.Event()
+        self._reclaiming = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self._zeros = bytes(settings.chunk_size)
 
@@ -157,6 +162,7 @@ class FileSystem:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._flusher)
+            nursery.start_soon(self._reclaimer)
             task_status.started()
 
     async def flush_all(self) -> None:
@@ -166,6 +172,7 @@ class FileSystem:
                 await self._commit(state)
             except DfsfsError as error:  # one file's failure must not cost the others theirs
                 log.error("inode %d: buffered writes could not be committed: %s", state.ino, error)
+        await self._reclaim_pending()
 
     async def _meta(self, function, *args, **kwargs):
         """A metadata call in a worker thread, failing (EIO) if the database does not answer
@@ -630,12 +637,24 @@ class FileSystem:
     def _reclaim_soon(self, chunks: list[ReclaimableChunk]) -> None:
         """Free chunk bytes in the background: nobody waits for space to come back."""
         if chunks:
-            self._nursery.start_soon(self._reclaim, chunks)
+            self._reclaimable.extend(chunks)
+            self._reclaim_wanted.set()
+
+    async def _reclaimer(self) -> None:
+        while True:
+            await self._reclaim_wanted.wait()
+            await trio.sleep(RECLAIM_GATHER_S)  # one durable flush serves a whole batch
+            await self._reclaim_pending()
+
+    async def _reclaim_pending(self) -> None:
+        async with self._reclaiming:  # unmount waits for a batch under way
+            self._reclaim_wanted = trio.Event()
+            chunks, self._reclaimable = self._reclaimable, []
+            for start in range(0, len(chunks), RECLAIM_BATCH):
+                await self._reclaim(chunks[start:start + RECLAIM_BATCH])
 
     async def _reclaim(self, chunks: list[ReclaimableChunk]) -> None:
         """Delete the bytes of chunks whose last reference is gone (after that commit)."""
-        if not chunks:
-            return
         try:
             await self._meta(self.meta.reclaim, [c.id for c in chunks], self._delete_chunks)
         except DfsfsError as error:
