@@ -267,7 +267,7 @@ def test_df_reports_the_mount(work, mnt):
     out = sh(f"df -P '{mnt.path}'").stdout.decode().splitlines()
     assert len(out) == 2, out
     fields = out[1].split()
-    assert fields[0] == "dfsfs"
+    assert fields[0].startswith("dfsfs:user")
     assert fields[-1] == str(mnt.path)
     total, used, available = (int(x) for x in fields[1:4])
     assert total > 0 and available > 0 and used >= 0
