@@ -1,5 +1,6 @@
 """`dfsfs mount` and `dfsfs umount`."""
 
+import contextlib
 import errno
 import getpass
 import hashlib
@@ -153,16 +154,15 @@ def _serve_in_foreground(settings: Settings, request) -> None:
         serve(request)
 
 
-class _pid_file_written:
-    def __init__(self, settings: Settings, mountpoint: str):
-        self.path = pid_file(settings, mountpoint)
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(str(os.getpid()))
-
-    def __exit__(self, *exc_info):
-        self.path.unlink(missing_ok=True)
+@contextlib.contextmanager
+def _pid_file_written(settings: Settings, mountpoint: str):
+    path = pid_file(settings, mountpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _log_file(settings: Settings, user_id: int) -> Path:

@@ -41,16 +41,16 @@ PATH_MAX = 4096
 XATTR_SIZE_MAX = 65536
 UNSUPPORTED_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 MAP_AT_OPEN_CHUNKS = 64  # files up to this many chunks get their chunk map with their attrs
-CAPABILITY_XATTR = b"security.capability"
-RECLAIM_GATHER_S = 0.2
-RECLAIM_BATCH = 512  # asked for by the kernel before writes
+CAPABILITY_XATTR = b"security.capability"  # asked for by the kernel before writes
+RECLAIM_GATHER_S = 0.2  # freed chunks are gathered this long into one reclaim
+RECLAIM_BATCH = 512  # chunks per reclaim transaction
 
 
 @dataclass(frozen=True)
 class CoreSettings:
     chunk_size: int = 1 << 20
-    write_buffer_bytes: int = 256 << 20
-    read_cache_bytes: int = 256 << 20
+    write_buffer_bytes: int = 64 << 20
+    read_cache_bytes: int = 128 << 20
     readahead_chunks: int = 4
     commit_batch_bytes: int = 32 << 20  # commit full chunks in batches of this size
     flush_interval_s: float = 5.0  # commit buffered writes idle this long
@@ -310,7 +310,7 @@ class FileSystem:
             self._reclaim_soon(removal.reclaimable)
         elif removal.attrs.nlink == 0 and state is not None:
             state.unlinked = True
-        elif not removal.purged:
+        else:
             self._remember(removal.attrs)
 
     async def _purge(self, ino: int) -> None:
@@ -513,7 +513,7 @@ class FileSystem:
         finally:
             pending.done.set()
 
-    def _store_chunk(self, data: bytearray) -> ChunkRef | None:
+    def _store_chunk(self, data: bytes | bytearray) -> ChunkRef | None:
         """Worker thread: hash and store one chunk; an all-zero chunk becomes a hole."""
         if self._is_zeros(data):
             return None
@@ -521,7 +521,7 @@ class FileSystem:
         self.store.put(self.namespace, digest, data)
         return ChunkRef(digest, len(data))
 
-    def _is_zeros(self, data: bytearray) -> bool:
+    def _is_zeros(self, data: bytes | bytearray) -> bool:
         if not data or data[0] or data[-1] or data[len(data) // 2]:
             return not data
         return data == self._zeros[: len(data)]

@@ -142,6 +142,11 @@ def _attrs(row) -> Attrs:
     return Attrs(*row[:10])
 
 
+def _increments(deltas: dict[str, int]) -> str:
+    """SET clause adding each `:column` parameter to its column."""
+    return ", ".join(f"{column} = {column} + :{column}" for column in deltas)
+
+
 def _counter_column(mode: int) -> str:
     if stat_module.S_ISDIR(mode):
         return "directories"
@@ -540,10 +545,7 @@ class MetadataStore:
         self._touch_dir(conn, old_parent_ino, now_ns, nlink_delta=-1 if moved_dir_across else 0)
         if new_parent_ino != old_parent_ino:
             self._touch_dir(conn, new_parent_ino, now_ns, nlink_delta=1 if moved_dir_across else 0)
-        self._exec(
-            conn, "UPDATE inodes SET ctime_ns = :now WHERE id = :ino AND user_id = :uid",
-            ino=moved.ino, now=now_ns,
-        )
+        self._touch_inode(conn, moved.ino, now_ns)
 
     def _exchange(self, conn, old_parent_ino, old_name, new_parent_ino, new_name,
                   source: Attrs, target: Attrs | None, now_ns: int) -> None:
@@ -588,17 +590,20 @@ class MetadataStore:
             " WHERE id = :ino AND user_id = :uid"
         )
         if counts:
-            assignments = ", ".join(f"{column} = {column} + :{column}" for column in counts)
             touch = (f"WITH touched AS ({touch} RETURNING 1)"
-                     f" UPDATE usage SET {assignments} WHERE user_id = :uid")
+                     f" UPDATE usage SET {_increments(counts)} WHERE user_id = :uid")
         self._exec(conn, touch, ino=ino, now=now_ns, delta=nlink_delta, **counts)
 
     def _count(self, conn: Connection, **deltas: int) -> None:
         deltas = {column: delta for column, delta in deltas.items() if delta}
         if not deltas:
             return
-        assignments = ", ".join(f"{column} = {column} + :{column}" for column in deltas)
-        self._exec(conn, f"UPDATE usage SET {assignments} WHERE user_id = :uid", **deltas)
+        self._exec(conn, f"UPDATE usage SET {_increments(deltas)} WHERE user_id = :uid", **deltas)
+
+    def _touch_inode(self, conn: Connection, ino: int, now_ns: int) -> None:
+        """Its status changed (name, xattrs): a new ctime."""
+        self._exec(conn, "UPDATE inodes SET ctime_ns = :now WHERE id = :ino AND user_id = :uid",
+                   ino=ino, now=now_ns)
 
     # ---- attributes ----------------------------------------------------------------
 
@@ -750,21 +755,13 @@ class MetadataStore:
             conn,
             "UPDATE chunks c SET refcount = c.refcount - t.n"
             " FROM unnest(CAST(:ids AS bigint[]), CAST(:counts AS bigint[])) AS t(id, n)"
-            " WHERE c.id = t.id AND c.user_id = :uid AND c.refcount - t.n = 0"
-            " RETURNING c.id, c.sha256",
+            " WHERE c.id = t.id AND c.user_id = :uid AND c.refcount - t.n >= 0"
+            " RETURNING c.id, c.sha256, c.refcount",
             ids=ids,
             counts=[dropped[i] for i in ids],
         ).all()
-        # The UPDATE above only touched rows reaching zero; decrement the others too.
-        self._exec(
-            conn,
-            "UPDATE chunks c SET refcount = c.refcount - t.n"
-            " FROM unnest(CAST(:ids AS bigint[]), CAST(:counts AS bigint[])) AS t(id, n)"
-            " WHERE c.id = t.id AND c.user_id = :uid AND c.refcount - t.n > 0",
-            ids=ids,
-            counts=[dropped[i] for i in ids],
-        )
-        return [ReclaimableChunk(chunk_id, bytes(digest)) for chunk_id, digest in rows]
+        return [ReclaimableChunk(chunk_id, bytes(digest))
+                for chunk_id, digest, refcount in rows if refcount == 0]
 
     def reclaim(self, chunk_ids: Iterable[int], delete_bytes: Callable[[list[bytes]], None]) -> int:
         """Delete chunks that still have no reference: bytes first, then the rows.
@@ -874,8 +871,7 @@ class MetadataStore:
                 name=name,
                 value=value,
             )
-            self._exec(conn, "UPDATE inodes SET ctime_ns = :now WHERE id = :ino AND user_id = :uid",
-                       ino=ino, now=now_ns)
+            self._touch_inode(conn, ino, now_ns)
 
         self._run(work)
 
@@ -890,8 +886,7 @@ class MetadataStore:
             if not deleted:
                 self._get_attrs(conn, ino)
                 raise NoAttributeError("no such attribute")
-            self._exec(conn, "UPDATE inodes SET ctime_ns = :now WHERE id = :ino AND user_id = :uid",
-                       ino=ino, now=now_ns)
+            self._touch_inode(conn, ino, now_ns)
 
         self._run(work)
 
