@@ -126,7 +126,10 @@ class MirroredChunkStore(ChunkStore):
         return backup.data
 
     def has(self, namespace: int, digest: bytes) -> bool:
-        return self.primary.has(namespace, digest)
+        """Whether every copy put() promises is there: both, unless the backup is queued."""
+        if not self.primary.has(namespace, digest):
+            return False
+        return self.backup_queue is not None or self.backup.has(namespace, digest)
 
     def delete(self, namespace: int, digest: bytes) -> None:
         self.primary.delete(namespace, digest)

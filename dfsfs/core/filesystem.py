@@ -205,13 +205,20 @@ class FileSystem:
         return self._overlay(await self._meta(self.meta.get_attrs, ino))
 
     def _remember(self, attrs: Attrs) -> None:
-        """Keep a file's attributes as long as the kernel would; the kernel forgets them
-        after every write and asks again. Directories change with their entries: not kept."""
-        if attrs.is_dir:
-            return
+        """Keep attributes as long as the kernel would: it forgets a file's after every
+        write, and a directory's after every change of its entries, and asks again."""
         if len(self._recent_attrs) > 10_000:
             self._recent_attrs.clear()
         self._recent_attrs[attrs.ino] = (time.monotonic() + self.settings.attr_cache_s, attrs)
+
+    def _dir_changed(self, ino: int, now_ns: int, nlink_delta: int = 0) -> None:
+        """This mount changed a directory's entries: its kept attributes take the times
+        and link count the metadata transaction just set (what a new query would say)."""
+        recent = self._recent_attrs.get(ino)
+        if recent is not None:
+            expiry, attrs = recent
+            self._recent_attrs[ino] = (expiry, replace(
+                attrs, mtime_ns=now_ns, ctime_ns=now_ns, nlink=attrs.nlink + nlink_delta))
 
     def _overlay(self, attrs: Attrs) -> Attrs:
         """Attributes as this mount sees them: buffered writes change size and mtime."""
@@ -260,8 +267,10 @@ class FileSystem:
             raise NotSupportedError("only files, directories, symlinks, fifos and sockets")
         if target is not None and len(target) >= PATH_MAX:
             raise NameTooLongError("symbolic link target too long")
+        now_ns = time.time_ns()
         attrs = await self._meta(self.meta.make_node, parent_ino, name, mode, uid, gid,
-                                 time.time_ns(), rdev, target)
+                                 now_ns, rdev, target)
+        self._dir_changed(parent_ino, now_ns, nlink_delta=1 if attrs.is_dir else 0)
         self._remember(attrs)
         return attrs
 
@@ -274,13 +283,17 @@ class FileSystem:
     async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attrs:
         _check_name(new_name)
         await self._commit_if_open(ino)
-        return self._overlay(await self._meta(self.meta.link, ino, new_parent_ino, new_name,
-                                              time.time_ns()))
+        now_ns = time.time_ns()
+        attrs = await self._meta(self.meta.link, ino, new_parent_ino, new_name, now_ns)
+        self._dir_changed(new_parent_ino, now_ns)
+        return self._overlay(attrs)
 
     async def unlink(self, parent_ino: int, name: bytes, *, directory: bool = False) -> None:
         _check_name(name)
-        removal = await self._meta(self.meta.unlink, parent_ino, name, time.time_ns(),
+        now_ns = time.time_ns()
+        removal = await self._meta(self.meta.unlink, parent_ino, name, now_ns,
                                    directory=directory, open_inos=self._open_inos())
+        self._dir_changed(parent_ino, now_ns, nlink_delta=-1 if removal.attrs.is_dir else 0)
         self._removed(removal)
 
     async def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
@@ -289,6 +302,8 @@ class FileSystem:
         _check_name(new_name)
         removal = await self._meta(self.meta.rename, old_parent_ino, old_name, new_parent_ino,
                                    new_name, flags, time.time_ns(), self._open_inos())
+        for parent_ino in (old_parent_ino, new_parent_ino):  # link counts moved: ask again
+            self._recent_attrs.pop(parent_ino, None)
         if removal is not None:
             self._removed(removal)
 
@@ -622,10 +637,12 @@ class FileSystem:
         self._reclaim_soon(reclaimable)
 
     def _ensure_stored(self, data_by_digest: dict[bytes, bytearray], digests: list[bytes]) -> None:
-        """Worker thread, inside the commit: re-store chunks a concurrent reclaim may have removed."""
-        for digest in digests:
+        """Worker thread, inside the commit: re-store chunks a concurrent reclaim removed."""
+        missing = [digest for digest in digests if not self.store.has(self.namespace, digest)]
+        for digest in missing:
             self.store.put(self.namespace, digest, data_by_digest[digest])
-        self.store.sync()
+        if missing:
+            self.store.sync()
 
     def _drop_buffers(self, state: FileState) -> None:
         state.dirty.clear()

@@ -7,6 +7,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from dfsfs.meta import schema
 from dfsfs.meta.db import run_transaction
+from dfsfs.meta.procedures import FUNCTIONS_SQL
 
 # Serialises concurrent `dfsfs init` runs (any constant unique to dfsfs).
 MIGRATION_LOCK_ID = 0x6466_7366_73
@@ -39,10 +40,17 @@ def _row_level_security_on_accounts(conn: Connection) -> None:
     _scope_rows(conn, schema.users.name, "id")
 
 
+def _namespace_functions(conn: Connection) -> None:
+    """Server-side functions for the hottest metadata transactions (one round trip each)."""
+    with conn.connection.dbapi_connection.cursor() as cursor:
+        cursor.execute(FUNCTIONS_SQL)  # no parameters: '%' in the text is literal
+
+
 MIGRATIONS: list[tuple[int, Callable[[Connection], None]]] = [
     (1, _create_tables),
     (2, _row_level_security),
     (3, _row_level_security_on_accounts),
+    (4, _namespace_functions),
 ]
 LATEST_VERSION = MIGRATIONS[-1][0]
 

@@ -10,12 +10,11 @@ worker threads.
 import functools
 import re
 import stat as stat_module
-from collections import Counter
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 
 import psycopg2
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from dfsfs.errors import (
@@ -28,7 +27,7 @@ from dfsfs.errors import (
     NotFoundError,
     QuotaExceededError,
 )
-from dfsfs.meta.db import run_transaction
+from dfsfs.meta.db import Statements, is_disconnect, run_statements
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -36,6 +35,17 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
 INODE_COLUMNS = "i.id, i.mode, i.uid, i.gid, i.size, i.nlink, i.atime_ns, i.mtime_ns, i.ctime_ns, i.rdev"
+NODE_COLUMNS = INODE_COLUMNS.replace("i.", "node.")
+# What the server-side removal functions return: the inode after, whether it was purged,
+# and the chunks left without references.
+REMOVAL_COLUMNS = INODE_COLUMNS.replace("i.", "(r.node).") + ", r.purged, r.chunk_ids, r.digests"
+
+# SQLSTATEs of the server-side functions' refusals (see procedures.py).
+_REFUSALS = {
+    f"DF{error.errno:03d}": error
+    for error in (NotFoundError, ExistsError, NotDirectoryError, IsDirectoryError,
+                  NotEmptyError, QuotaExceededError)
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,17 +152,18 @@ def _attrs(row) -> Attrs:
     return Attrs(*row[:10])
 
 
+def _reclaimable(chunk_ids: list[int], digests: list) -> list[ReclaimableChunk]:
+    return [ReclaimableChunk(chunk_id, bytes(digest)) for chunk_id, digest in zip(chunk_ids, digests)]
+
+
+def _removal(row) -> Removal:
+    """A row of REMOVAL_COLUMNS."""
+    return Removal(_attrs(row), row[10], _reclaimable(row[11], row[12]))
+
+
 def _increments(deltas: dict[str, int]) -> str:
     """SET clause adding each `:column` parameter to its column."""
     return ", ".join(f"{column} = {column} + :{column}" for column in deltas)
-
-
-def _counter_column(mode: int) -> str:
-    if stat_module.S_ISDIR(mode):
-        return "directories"
-    if stat_module.S_ISLNK(mode):
-        return "symlinks"
-    return "files"
 
 
 class MetadataStore:
@@ -163,25 +174,32 @@ class MetadataStore:
         self.user_id = user_id
         self._relaxed_commits = 0  # transactions committed so far without a WAL flush
         self._durable_up_to = 0  # ... of which this many are known flushed
-        self.root_ino = self._run(self._root_ino)
+        self.root_ino = self._read(self._root_ino)
 
-    def _run(self, work: Callable[[Connection], object], durable: bool = False):
+    def _run(self, work: Callable[[Statements], object], durable: bool = False):
         """One transaction. Unless `durable`, it may commit without waiting for the WAL
         flush (when the engine relaxes commits): such changes become durable with the
         next durable commit, as PostgreSQL flushes its WAL in order."""
+        return self._commit_counted(work, durable, transaction=True)
+
+    def _call(self, sql: str, **params) -> list:
+        """A change made by one statement (a server-side function): one round trip."""
+        return self._commit_counted(lambda conn: self._exec(conn, sql, **params).all(),
+                                    durable=False, transaction=False)
+
+    def _commit_counted(self, work, durable: bool, transaction: bool):
         if not durable:
-            result = run_transaction(self.engine, work)
+            result = run_statements(self.engine, work, transaction=transaction)
             self._relaxed_commits += 1
             return result
         covered = self._relaxed_commits
-
-        def durably(conn):
-            conn.exec_driver_sql("SET LOCAL synchronous_commit = on")
-            return work(conn)
-
-        result = run_transaction(self.engine, durably)
+        result = run_statements(self.engine, work, transaction=transaction, durable=True)
         self._durable_up_to = max(self._durable_up_to, covered)
         return result
+
+    def _read(self, work: Callable[[Statements], object]):
+        """Statements that change nothing, each on its own (see Statements)."""
+        return run_statements(self.engine, work, transaction=False)
 
     @property
     def has_relaxed_commits(self) -> bool:
@@ -191,25 +209,24 @@ class MetadataStore:
     def make_durable(self) -> None:
         """fsync, fsyncdir and close: flush every commit made so far to stable storage."""
         if self.has_relaxed_commits:
-            self._run(lambda conn: conn.exec_driver_sql("SELECT txid_current()"), durable=True)
+            self._run(lambda conn: self._exec(conn, "SELECT txid_current()"), durable=True)
 
-    def _exec(self, conn: Connection, sql: str, **params) -> "_Result":
-        """Run one statement on the transaction's DBAPI connection (SQLAlchemy's statement
-        layer costs more than the query itself on these short, hot statements)."""
+    def _exec(self, conn: Statements, sql: str, **params) -> "_Result":
+        """Run one statement on the call's DBAPI connection (SQLAlchemy's statement layer
+        costs more than the query itself on these short, hot statements)."""
         if "uid" in params:
             raise AssertionError("':uid' is reserved for the account id")
         params["uid"] = self.user_id
-        cursor = conn.connection.dbapi_connection.cursor()
         try:
-            cursor.execute(_pyformat(sql), params)
+            return _Result(conn.execute(_pyformat(sql), params))
         except psycopg2.Error as error:
-            disconnected = error.pgcode is None and isinstance(
-                error, (psycopg2.OperationalError, psycopg2.InterfaceError))
+            refusal = _REFUSALS.get(error.pgcode or "")
+            if refusal is not None:
+                raise refusal(error.diag.message_primary) from None
             raise DBAPIError.instance(sql, params, error, psycopg2.Error,
-                                      connection_invalidated=disconnected) from error
-        return _Result(cursor)
+                                      connection_invalidated=is_disconnect(error)) from error
 
-    def _root_ino(self, conn: Connection) -> int:
+    def _root_ino(self, conn: Statements) -> int:
         root = self._exec(conn, "SELECT root_ino FROM users WHERE id = :uid").scalar()
         if root is None:
             raise NotFoundError(f"user {self.user_id} has no namespace")
@@ -218,9 +235,9 @@ class MetadataStore:
     # ---- reading ----------------------------------------------------------------
 
     def get_attrs(self, ino: int) -> Attrs:
-        return self._run(lambda conn: self._get_attrs(conn, ino))
+        return self._read(lambda conn: self._get_attrs(conn, ino))
 
-    def _get_attrs(self, conn: Connection, ino: int, lock: bool = False) -> Attrs:
+    def _get_attrs(self, conn: Statements, ino: int, lock: bool = False) -> Attrs:
         row = self._exec(
             conn,
             f"SELECT {INODE_COLUMNS} FROM inodes i WHERE i.id = :ino AND i.user_id = :uid"
@@ -232,9 +249,9 @@ class MetadataStore:
         return _attrs(row)
 
     def lookup(self, parent_ino: int, name: bytes) -> Attrs:
-        return self._run(lambda conn: self._lookup(conn, parent_ino, name))
+        return self._read(lambda conn: self._lookup(conn, parent_ino, name))
 
-    def _lookup(self, conn: Connection, parent_ino: int, name: bytes) -> Attrs:
+    def _lookup(self, conn: Statements, parent_ino: int, name: bytes) -> Attrs:
         row = self._exec(
             conn,
             f"SELECT {INODE_COLUMNS} FROM dentries d JOIN inodes i ON i.id = d.ino"
@@ -263,7 +280,7 @@ class MetadataStore:
                 self._require_dir(conn, parent_ino)
             return [(row[10], bytes(row[11]), _attrs(row)) for row in rows]
 
-        return self._run(work)
+        return self._read(work)
 
     def readlink(self, ino: int) -> bytes:
         def work(conn):
@@ -274,7 +291,7 @@ class MetadataStore:
                 raise InvalidArgumentError("not a symbolic link")
             return bytes(target)
 
-        return self._run(work)
+        return self._read(work)
 
     def open_file(self, ino: int, map_up_to_size: int) -> tuple[Attrs, dict[int, ChunkRef] | None]:
         """A file's attributes, and its chunk map too when the file is at most that large."""
@@ -285,13 +302,13 @@ class MetadataStore:
                 return attrs, None
             return attrs, self._chunk_map(conn, ino)
 
-        return self._run(work)
+        return self._read(work)
 
     def chunk_map(self, ino: int) -> dict[int, ChunkRef]:
         """Every stored chunk of a file by chunk index; absent indices are holes."""
-        return self._run(lambda conn: self._chunk_map(conn, ino))
+        return self._read(lambda conn: self._chunk_map(conn, ino))
 
-    def _chunk_map(self, conn: Connection, ino: int) -> dict[int, ChunkRef]:
+    def _chunk_map(self, conn: Statements, ino: int) -> dict[int, ChunkRef]:
         rows = self._exec(
             conn,
             "SELECT fc.index, c.sha256, c.size FROM file_chunks fc"
@@ -311,9 +328,9 @@ class MetadataStore:
             ).one()
             return Usage(*row)
 
-        return self._run(work)
+        return self._read(work)
 
-    def _require_dir(self, conn: Connection, ino: int) -> Attrs:
+    def _require_dir(self, conn: Statements, ino: int) -> Attrs:
         attrs = self._get_attrs(conn, ino)
         if not attrs.is_dir:
             raise NotDirectoryError("not a directory")
@@ -333,49 +350,13 @@ class MetadataStore:
         target: bytes | None = None,
     ) -> Attrs:
         """Create a file, directory, symlink or special file named `name` in a directory."""
-
-        def work(conn):
-            self._require_dir_with_inode_room(conn, parent_ino)
-            is_dir = stat_module.S_ISDIR(mode)
-            row = self._exec(
-                conn,
-                "INSERT INTO inodes (user_id, mode, uid, gid, size, nlink,"
-                " atime_ns, mtime_ns, ctime_ns, rdev, target)"
-                " VALUES (:uid, :mode, :owner, :group, :size, :nlink, :now, :now, :now, :rdev, :target)"
-                " RETURNING id, mode, uid, gid, size, nlink, atime_ns, mtime_ns, ctime_ns, rdev",
-                mode=mode,
-                owner=uid,
-                group=gid,
-                size=len(target) if target is not None else 0,
-                nlink=2 if is_dir else 1,
-                now=now_ns,
-                rdev=rdev,
-                target=target,
-            ).one()
-            attrs = _attrs(row)
-            self._insert_dentry(conn, parent_ino, name, attrs.ino)
-            self._touch_dir(conn, parent_ino, now_ns, nlink_delta=1 if is_dir else 0,
-                            counts={_counter_column(mode): 1, "logical_bytes": attrs.size})
-            return attrs
-
-        return self._run(work)
-
-    def _require_dir_with_inode_room(self, conn: Connection, parent_ino: int) -> None:
-        """The parent must be a directory and the user below the inode quota (one query)."""
-        row = self._exec(
-            conn,
-            "SELECT p.mode, a.quota_inodes IS NOT NULL"
-            " AND u.files + u.directories + u.symlinks >= a.quota_inodes"
-            " FROM inodes p JOIN users a ON a.id = p.user_id JOIN usage u ON u.user_id = p.user_id"
-            " WHERE p.id = :parent AND p.user_id = :uid",
-            parent=parent_ino,
-        ).first()
-        if row is None:
-            raise NotFoundError(f"inode {parent_ino} does not exist")
-        if not stat_module.S_ISDIR(row[0]):
-            raise NotDirectoryError("not a directory")
-        if row[1]:
-            raise QuotaExceededError("inode quota exceeded")
+        row, = self._call(
+            f"SELECT {NODE_COLUMNS} FROM dfsfs_make_node(:uid, :parent, :name, :mode, :owner,"
+            " :group, :now, :rdev, :target) AS node",
+            parent=parent_ino, name=name, mode=mode, owner=uid, group=gid, now=now_ns,
+            rdev=rdev, target=target,
+        )
+        return _attrs(row)
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes, now_ns: int) -> Attrs:
         def work(conn):
@@ -405,37 +386,25 @@ class MetadataStore:
         An inode whose nlink drops to 0 is purged in the same transaction unless it is in
         `open_inos`: then it stays, readable through its open handles, until `purge`.
         """
+        row, = self._call(
+            f"SELECT {REMOVAL_COLUMNS} FROM dfsfs_unlink(:uid, :parent, :name, :now, :directory,"
+            " CAST(:open AS bigint[])) AS r",
+            parent=parent_ino, name=name, now=now_ns, directory=directory, open=list(open_inos),
+        )
+        return _removal(row)
 
-        def work(conn):
-            target = self._lookup(conn, parent_ino, name)
-            self._check_removable(conn, target, directory)
-            self._exec(
-                conn,
-                "DELETE FROM dentries WHERE parent_ino = :parent AND name = :name AND user_id = :uid",
-                parent=parent_ino,
-                name=name,
-            )
-            self._touch_dir(conn, parent_ino, now_ns, nlink_delta=-1 if target.is_dir else 0)
-            return self._remove_link(conn, target, now_ns, open_inos)
-
-        return self._run(work)
-
-    def _remove_link(self, conn: Connection, target: Attrs, now_ns: int,
+    def _remove_link(self, conn: Statements, target: Attrs, now_ns: int,
                      open_inos: Container[int]) -> Removal:
-        attrs = self._drop_link(conn, target, now_ns)
-        if attrs.nlink > 0 or attrs.ino in open_inos:
-            return Removal(attrs, False, [])
-        return Removal(attrs, True, self._purge(conn, attrs.ino))
+        """The target's dentry was just removed: one link less, purged when none is left."""
+        row = self._exec(
+            conn,
+            f"SELECT {REMOVAL_COLUMNS} FROM dfsfs_remove_link(:uid, :ino, :now,"
+            " CAST(:open AS bigint[])) AS r",
+            ino=target.ino, now=now_ns, open=list(open_inos),
+        ).one()
+        return _removal(row)
 
-    def _check_removable(self, conn: Connection, target: Attrs, directory: bool) -> None:
-        if directory and not target.is_dir:
-            raise NotDirectoryError("not a directory")
-        if not directory and target.is_dir:
-            raise IsDirectoryError("is a directory")
-        if target.is_dir and self._has_entries(conn, target.ino):
-            raise NotEmptyError("directory not empty")
-
-    def _has_entries(self, conn: Connection, ino: int) -> bool:
+    def _has_entries(self, conn: Statements, ino: int) -> bool:
         return (
             self._exec(
                 conn,
@@ -444,21 +413,6 @@ class MetadataStore:
             ).first()
             is not None
         )
-
-    def _drop_link(self, conn: Connection, target: Attrs, now_ns: int) -> Attrs:
-        """Decrement the link count of a target whose dentry was just removed."""
-        new_nlink = 0 if target.is_dir else target.nlink - 1
-        row = self._exec(
-            conn,
-            f"UPDATE inodes i SET nlink = :nlink, ctime_ns = :now"
-            f" WHERE id = :ino AND user_id = :uid RETURNING {INODE_COLUMNS}",
-            ino=target.ino,
-            nlink=new_nlink,
-            now=now_ns,
-        ).one()
-        if new_nlink == 0:
-            self._count(conn, **{_counter_column(target.mode): -1}, logical_bytes=-target.size)
-        return _attrs(row)
 
     def rename(
         self,
@@ -506,7 +460,7 @@ class MetadataStore:
 
         return self._run(work)
 
-    def _check_replaceable(self, conn: Connection, source: Attrs, target: Attrs) -> None:
+    def _check_replaceable(self, conn: Statements, source: Attrs, target: Attrs) -> None:
         if source.is_dir and not target.is_dir:
             raise NotDirectoryError("cannot replace a non-directory with a directory")
         if not source.is_dir and target.is_dir:
@@ -514,7 +468,7 @@ class MetadataStore:
         if target.is_dir and self._has_entries(conn, target.ino):
             raise NotEmptyError("target directory not empty")
 
-    def _refuse_move_into_itself(self, conn: Connection, dir_ino: int, new_parent_ino: int) -> None:
+    def _refuse_move_into_itself(self, conn: Statements, dir_ino: int, new_parent_ino: int) -> None:
         """A directory cannot move below itself: walk up from the new parent to the root."""
         found = self._exec(
             conn,
@@ -567,9 +521,8 @@ class MetadataStore:
             self._touch_dir(conn, new_parent_ino, now_ns, nlink_delta=shift)
         else:
             self._touch_dir(conn, old_parent_ino, now_ns)
-        return None
 
-    def _insert_dentry(self, conn: Connection, parent_ino: int, name: bytes, ino: int) -> None:
+    def _insert_dentry(self, conn: Statements, parent_ino: int, name: bytes, ino: int) -> None:
         inserted = self._exec(
             conn,
             "INSERT INTO dentries (user_id, parent_ino, name, ino) VALUES (:uid, :parent, :name, :ino)"
@@ -581,7 +534,7 @@ class MetadataStore:
         if inserted is None:
             raise ExistsError("file exists")  # the transaction rolls back what it did so far
 
-    def _touch_dir(self, conn: Connection, ino: int, now_ns: int, nlink_delta: int = 0,
+    def _touch_dir(self, conn: Statements, ino: int, now_ns: int, nlink_delta: int = 0,
                    counts: dict[str, int] | None = None) -> None:
         """Update a directory's times and link count, and usage counters, in one statement."""
         counts = {column: delta for column, delta in (counts or {}).items() if delta}
@@ -594,13 +547,13 @@ class MetadataStore:
                      f" UPDATE usage SET {_increments(counts)} WHERE user_id = :uid")
         self._exec(conn, touch, ino=ino, now=now_ns, delta=nlink_delta, **counts)
 
-    def _count(self, conn: Connection, **deltas: int) -> None:
+    def _count(self, conn: Statements, **deltas: int) -> None:
         deltas = {column: delta for column, delta in deltas.items() if delta}
         if not deltas:
             return
         self._exec(conn, f"UPDATE usage SET {_increments(deltas)} WHERE user_id = :uid", **deltas)
 
-    def _touch_inode(self, conn: Connection, ino: int, now_ns: int) -> None:
+    def _touch_inode(self, conn: Statements, ino: int, now_ns: int) -> None:
         """Its status changed (name, xattrs): a new ctime."""
         self._exec(conn, "UPDATE inodes SET ctime_ns = :now WHERE id = :ino AND user_id = :uid",
                    ino=ino, now=now_ns)
@@ -651,117 +604,28 @@ class MetadataStore:
         Returns the chunks left without references, for `reclaim` after the commit.
         """
 
+        indices = sorted(new_chunks)
+        refs = [new_chunks[index] for index in indices]
+
         def work(conn):
-            old = self._get_attrs(conn, ino, lock=True)
-            self._check_byte_quota(conn, size - old.size)
-            dropped = self._drop_file_chunks(conn, ino, list(new_chunks), drop_from_index)
-            stored = {index: ref for index, ref in new_chunks.items() if ref is not None}
-            chunk_ids = self._reference_chunks(conn, stored, ensure_stored)
-            if stored:
-                self._exec(
-                    conn,
-                    "INSERT INTO file_chunks (user_id, ino, index, chunk_id)"
-                    " SELECT :uid, :ino, unnest(CAST(:indices AS bigint[])),"
-                    " unnest(CAST(:ids AS bigint[]))",
-                    ino=ino,
-                    indices=list(stored),
-                    ids=[chunk_ids[ref.digest] for ref in stored.values()],
-                )
-            reclaimable = self._release_chunks(conn, dropped)
-            times = ", mtime_ns = :mtime, ctime_ns = :mtime" if mtime_ns is not None else ""
-            self._exec(
+            reclaimable_ids, reclaimable_digests, unreferenced = self._exec(
                 conn,
-                f"UPDATE inodes SET size = :size{times} WHERE id = :ino AND user_id = :uid",
+                "SELECT r.chunk_ids, r.digests, r.unreferenced FROM dfsfs_commit_file(:uid, :ino,"
+                " CAST(:indices AS bigint[]), CAST(:digests AS bytea[]), CAST(:sizes AS integer[]),"
+                " :size, :mtime, :drop_from) AS r",
                 ino=ino,
+                indices=indices,
+                digests=[None if ref is None else ref.digest for ref in refs],
+                sizes=[None if ref is None else ref.size for ref in refs],
                 size=size,
                 mtime=mtime_ns,
-            )
-            if old.nlink > 0:
-                self._count(conn, logical_bytes=size - old.size)
-            return reclaimable
+                drop_from=drop_from_index,
+            ).one()
+            if unreferenced and ensure_stored is not None:
+                ensure_stored([bytes(digest) for digest in unreferenced])  # rows locked meanwhile
+            return _reclaimable(reclaimable_ids, reclaimable_digests)
 
         return self._run(work, durable=True)
-
-    def _check_byte_quota(self, conn: Connection, growth: int) -> None:
-        if growth <= 0:
-            return
-        over = self._exec(
-            conn,
-            "SELECT 1 FROM usage u JOIN users a ON a.id = u.user_id WHERE u.user_id = :uid"
-            " AND a.quota_bytes IS NOT NULL AND u.logical_bytes + :growth > a.quota_bytes",
-            growth=growth,
-        ).first()
-        if over is not None:
-            raise QuotaExceededError("byte quota exceeded")
-
-    def _drop_file_chunks(
-        self, conn: Connection, ino: int, indices: list[int], drop_from_index: int | None
-    ) -> Counter:
-        rows = self._exec(
-            conn,
-            "DELETE FROM file_chunks WHERE ino = :ino AND user_id = :uid"
-            " AND (index = ANY(CAST(:indices AS bigint[])) OR index >= :drop_from)"
-            " RETURNING chunk_id",
-            ino=ino,
-            indices=indices,
-            drop_from=drop_from_index if drop_from_index is not None else 2**62,
-        )
-        return Counter(chunk_id for (chunk_id,) in rows)
-
-    def _reference_chunks(
-        self,
-        conn: Connection,
-        refs: dict[int, ChunkRef],
-        ensure_stored: Callable[[list[bytes]], None] | None,
-    ) -> dict[bytes, int]:
-        """Add one reference per use to each chunk row (creating rows); digest -> id."""
-        if not refs:
-            return {}
-        uses = Counter(ref.digest for ref in refs.values())
-        sizes = {ref.digest: ref.size for ref in refs.values()}
-        digests = sorted(uses)  # a fixed lock order avoids deadlocks between mounts
-        rows = self._exec(
-            conn,
-            "INSERT INTO chunks (user_id, sha256, size, refcount)"
-            " SELECT :uid, d, s, n FROM unnest(CAST(:digests AS bytea[]),"
-            " CAST(:sizes AS int[]), CAST(:uses AS bigint[])) AS t(d, s, n)"
-            " ON CONFLICT (user_id, sha256) DO UPDATE SET refcount = chunks.refcount + EXCLUDED.refcount"
-            " RETURNING id, sha256, refcount, size, (xmax = 0) AS inserted",
-            digests=digests,
-            sizes=[sizes[d] for d in digests],
-            uses=[uses[d] for d in digests],
-        ).all()
-        ids = {}
-        unreferenced_before = []
-        new_chunks = new_bytes = 0
-        for chunk_id, digest, refcount, size, inserted in rows:
-            digest = bytes(digest)
-            ids[digest] = chunk_id
-            if refcount == uses[digest]:
-                unreferenced_before.append(digest)
-            if inserted:
-                new_chunks += 1
-                new_bytes += size
-        if unreferenced_before and ensure_stored is not None:
-            ensure_stored(unreferenced_before)
-        self._count(conn, chunks=new_chunks, stored_bytes=new_bytes)
-        return ids
-
-    def _release_chunks(self, conn: Connection, dropped: Counter) -> list[ReclaimableChunk]:
-        if not dropped:
-            return []
-        ids = sorted(dropped)
-        rows = self._exec(
-            conn,
-            "UPDATE chunks c SET refcount = c.refcount - t.n"
-            " FROM unnest(CAST(:ids AS bigint[]), CAST(:counts AS bigint[])) AS t(id, n)"
-            " WHERE c.id = t.id AND c.user_id = :uid AND c.refcount - t.n >= 0"
-            " RETURNING c.id, c.sha256, c.refcount",
-            ids=ids,
-            counts=[dropped[i] for i in ids],
-        ).all()
-        return [ReclaimableChunk(chunk_id, bytes(digest))
-                for chunk_id, digest, refcount in rows if refcount == 0]
 
     def reclaim(self, chunk_ids: Iterable[int], delete_bytes: Callable[[list[bytes]], None]) -> int:
         """Delete chunks that still have no reference: bytes first, then the rows.
@@ -804,14 +668,12 @@ class MetadataStore:
                 return []
             if attrs.nlink > 0:
                 return []
-            return self._purge(conn, ino)
+            row = self._exec(
+                conn, "SELECT r.chunk_ids, r.digests FROM dfsfs_purge(:uid, :ino) AS r", ino=ino,
+            ).one()
+            return _reclaimable(*row)
 
         return self._run(work)
-
-    def _purge(self, conn: Connection, ino: int) -> list[ReclaimableChunk]:
-        dropped = self._drop_file_chunks(conn, ino, [], 0)
-        self._exec(conn, "DELETE FROM inodes WHERE id = :ino AND user_id = :uid", ino=ino)
-        return self._release_chunks(conn, dropped)
 
     def unlinked_inodes(self) -> list[int]:
         """Inodes with no name left (a crashed mount may not have purged them)."""
@@ -820,7 +682,7 @@ class MetadataStore:
             rows = self._exec(conn, "SELECT id FROM inodes WHERE user_id = :uid AND nlink = 0")
             return [ino for (ino,) in rows]
 
-        return self._run(work)
+        return self._read(work)
 
     # ---- extended attributes -------------------------------------------------------
 
@@ -837,7 +699,7 @@ class MetadataStore:
                 raise NoAttributeError("no such attribute")
             return bytes(value)
 
-        return self._run(work)
+        return self._read(work)
 
     def list_xattrs(self, ino: int) -> list[bytes]:
         def work(conn):
@@ -848,7 +710,7 @@ class MetadataStore:
             )
             return [bytes(name) for (name,) in rows]
 
-        return self._run(work)
+        return self._read(work)
 
     def set_xattr(self, ino: int, name: bytes, value: bytes, flags: int, now_ns: int) -> None:
         def work(conn):

@@ -1,0 +1,229 @@
+"""Server-side functions for the hottest metadata transactions.
+
+Creating a file, removing a name and committing a file's chunks each take many
+statements; run from Python every statement is a round trip to PostgreSQL, which cost
+more than the statements themselves. As functions they are one round trip each.
+They run as the caller (SECURITY INVOKER), so row-level security scopes them like any
+statement, and every statement names the user as well.
+
+A refused operation raises SQLSTATE 'DF' followed by the errno as three digits
+(DF002 = ENOENT, DF017 = EEXIST, ...); the metadata store turns it into its error.
+"""
+
+S_IFMT = 0o170000
+S_IFDIR = 0o040000
+S_IFLNK = 0o120000
+
+FUNCTIONS_SQL = f"""
+CREATE OR REPLACE FUNCTION dfsfs_release_chunks(
+    p_user bigint, p_dropped bigint[], OUT chunk_ids bigint[], OUT digests bytea[])
+LANGUAGE sql AS $$
+    -- One reference less per use; the chunks left without any are returned for reclaim.
+    WITH released AS (
+        UPDATE chunks c SET refcount = c.refcount - t.n
+          FROM (SELECT id, count(*) AS n FROM unnest(p_dropped) AS id GROUP BY id) AS t
+         WHERE c.id = t.id AND c.user_id = p_user AND c.refcount - t.n >= 0
+        RETURNING c.id, c.sha256, c.refcount)
+    SELECT coalesce(array_agg(id ORDER BY id) FILTER (WHERE refcount = 0), '{{}}'),
+           coalesce(array_agg(sha256 ORDER BY id) FILTER (WHERE refcount = 0), '{{}}')
+      FROM released
+$$;
+
+CREATE OR REPLACE FUNCTION dfsfs_purge(
+    p_user bigint, p_ino bigint, OUT chunk_ids bigint[], OUT digests bytea[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    dropped bigint[];
+BEGIN
+    WITH gone AS (
+        DELETE FROM file_chunks WHERE ino = p_ino AND user_id = p_user RETURNING chunk_id)
+    SELECT coalesce(array_agg(chunk_id), '{{}}') INTO dropped FROM gone;
+    DELETE FROM inodes WHERE id = p_ino AND user_id = p_user;  -- xattrs go with it
+    SELECT r.chunk_ids, r.digests INTO chunk_ids, digests
+      FROM dfsfs_release_chunks(p_user, dropped) AS r;
+END $$;
+
+CREATE OR REPLACE FUNCTION dfsfs_remove_link(
+    p_user bigint, p_ino bigint, p_now bigint, p_open bigint[],
+    OUT node inodes, OUT purged boolean, OUT chunk_ids bigint[], OUT digests bytea[])
+LANGUAGE plpgsql AS $$
+-- After one of its names went away: one link less (a directory has none left). An inode
+-- left without names is purged unless it is in p_open (open files stay until closed).
+DECLARE
+    kind integer;
+BEGIN
+    UPDATE inodes
+       SET nlink = CASE WHEN mode & {S_IFMT} = {S_IFDIR} THEN 0 ELSE nlink - 1 END,
+           ctime_ns = p_now
+     WHERE id = p_ino AND user_id = p_user
+    RETURNING * INTO node;
+    purged := false;
+    chunk_ids := '{{}}';
+    digests := '{{}}';
+    IF node.nlink > 0 THEN
+        RETURN;
+    END IF;
+    kind := node.mode & {S_IFMT};
+    UPDATE usage
+       SET files = files - (kind NOT IN ({S_IFDIR}, {S_IFLNK}))::integer,
+           directories = directories - (kind = {S_IFDIR})::integer,
+           symlinks = symlinks - (kind = {S_IFLNK})::integer,
+           logical_bytes = logical_bytes - node.size
+     WHERE user_id = p_user;
+    IF node.id = ANY(p_open) THEN
+        RETURN;
+    END IF;
+    SELECT r.chunk_ids, r.digests INTO chunk_ids, digests FROM dfsfs_purge(p_user, node.id) AS r;
+    purged := true;
+END $$;
+
+CREATE OR REPLACE FUNCTION dfsfs_unlink(
+    p_user bigint, p_parent bigint, p_name bytea, p_now bigint, p_directory boolean,
+    p_open bigint[],
+    OUT node inodes, OUT purged boolean, OUT chunk_ids bigint[], OUT digests bytea[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    target inodes;
+    is_dir boolean;
+    removed record;
+BEGIN
+    SELECT i.* INTO target FROM dentries d JOIN inodes i ON i.id = d.ino
+     WHERE d.parent_ino = p_parent AND d.name = p_name AND d.user_id = p_user;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no such entry' USING ERRCODE = 'DF002';
+    END IF;
+    is_dir := target.mode & {S_IFMT} = {S_IFDIR};
+    IF p_directory AND NOT is_dir THEN
+        RAISE EXCEPTION 'not a directory' USING ERRCODE = 'DF020';
+    END IF;
+    IF is_dir AND NOT p_directory THEN
+        RAISE EXCEPTION 'is a directory' USING ERRCODE = 'DF021';
+    END IF;
+    IF is_dir AND EXISTS (
+            SELECT 1 FROM dentries WHERE parent_ino = target.id AND user_id = p_user) THEN
+        RAISE EXCEPTION 'directory not empty' USING ERRCODE = 'DF039';
+    END IF;
+    DELETE FROM dentries WHERE parent_ino = p_parent AND name = p_name AND user_id = p_user;
+    UPDATE inodes SET mtime_ns = p_now, ctime_ns = p_now, nlink = nlink - is_dir::integer
+     WHERE id = p_parent AND user_id = p_user;
+    SELECT * INTO removed FROM dfsfs_remove_link(p_user, target.id, p_now, p_open);
+    node := removed.node;
+    purged := removed.purged;
+    chunk_ids := removed.chunk_ids;
+    digests := removed.digests;
+END $$;
+
+CREATE OR REPLACE FUNCTION dfsfs_make_node(
+    p_user bigint, p_parent bigint, p_name bytea, p_mode integer, p_uid integer,
+    p_gid integer, p_now bigint, p_rdev bigint, p_target bytea)
+RETURNS inodes
+LANGUAGE plpgsql AS $$
+DECLARE
+    parent_mode integer;
+    over_quota boolean;
+    kind integer := p_mode & {S_IFMT};
+    node inodes;
+BEGIN
+    SELECT p.mode, a.quota_inodes IS NOT NULL
+                   AND u.files + u.directories + u.symlinks >= a.quota_inodes
+      INTO parent_mode, over_quota
+      FROM inodes p JOIN users a ON a.id = p.user_id JOIN usage u ON u.user_id = p.user_id
+     WHERE p.id = p_parent AND p.user_id = p_user;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'inode % does not exist', p_parent USING ERRCODE = 'DF002';
+    END IF;
+    IF parent_mode & {S_IFMT} <> {S_IFDIR} THEN
+        RAISE EXCEPTION 'not a directory' USING ERRCODE = 'DF020';
+    END IF;
+    IF over_quota THEN
+        RAISE EXCEPTION 'inode quota exceeded' USING ERRCODE = 'DF122';
+    END IF;
+    INSERT INTO inodes (user_id, mode, uid, gid, size, nlink, atime_ns, mtime_ns, ctime_ns,
+                        rdev, target)
+    VALUES (p_user, p_mode, p_uid, p_gid, coalesce(length(p_target), 0),
+            CASE WHEN kind = {S_IFDIR} THEN 2 ELSE 1 END, p_now, p_now, p_now, p_rdev, p_target)
+    RETURNING * INTO node;
+    INSERT INTO dentries (user_id, parent_ino, name, ino)
+    VALUES (p_user, p_parent, p_name, node.id)
+    ON CONFLICT (parent_ino, name) DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'file exists' USING ERRCODE = 'DF017';  -- undoes the inode too
+    END IF;
+    UPDATE inodes
+       SET mtime_ns = p_now, ctime_ns = p_now, nlink = nlink + (kind = {S_IFDIR})::integer
+     WHERE id = p_parent AND user_id = p_user;
+    UPDATE usage
+       SET files = files + (kind NOT IN ({S_IFDIR}, {S_IFLNK}))::integer,
+           directories = directories + (kind = {S_IFDIR})::integer,
+           symlinks = symlinks + (kind = {S_IFLNK})::integer,
+           logical_bytes = logical_bytes + node.size
+     WHERE user_id = p_user;
+    RETURN node;
+END $$;
+
+CREATE OR REPLACE FUNCTION dfsfs_commit_file(
+    p_user bigint, p_ino bigint, p_indices bigint[], p_digests bytea[], p_sizes integer[],
+    p_size bigint, p_mtime bigint, p_drop_from bigint,
+    OUT chunk_ids bigint[], OUT digests bytea[], OUT unreferenced bytea[])
+LANGUAGE plpgsql AS $$
+-- Point chunk indices at stored chunks (a NULL digest is a hole), drop indices from
+-- p_drop_from on, set size and times. Returns the chunks left without references (for
+-- reclaim) and the digests that had no reference before (the caller makes sure their
+-- bytes still exist before committing: a reclaim may have just removed them).
+DECLARE
+    old inodes;
+    dropped bigint[];
+BEGIN
+    SELECT * INTO old FROM inodes WHERE id = p_ino AND user_id = p_user FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'inode % does not exist', p_ino USING ERRCODE = 'DF002';
+    END IF;
+    IF p_size > old.size AND EXISTS (
+            SELECT 1 FROM usage u JOIN users a ON a.id = u.user_id
+             WHERE u.user_id = p_user AND a.quota_bytes IS NOT NULL
+               AND u.logical_bytes + (p_size - old.size) > a.quota_bytes) THEN
+        RAISE EXCEPTION 'byte quota exceeded' USING ERRCODE = 'DF122';
+    END IF;
+    WITH gone AS (
+        DELETE FROM file_chunks
+         WHERE ino = p_ino AND user_id = p_user
+           AND (index = ANY(p_indices) OR index >= coalesce(p_drop_from, 4611686018427387904))
+        RETURNING chunk_id)
+    SELECT coalesce(array_agg(chunk_id), '{{}}') INTO dropped FROM gone;
+    -- New references before releasing old ones: a chunk both dropped and re-used never
+    -- reaches zero. Rows are locked in digest order, so mounts cannot deadlock.
+    WITH uses AS (
+        SELECT d, min(s) AS s, count(*) AS n FROM unnest(p_digests, p_sizes) AS t(d, s)
+         WHERE d IS NOT NULL GROUP BY d),
+    referenced AS (
+        INSERT INTO chunks (user_id, sha256, size, refcount)
+        SELECT p_user, d, s, n FROM uses ORDER BY d
+        ON CONFLICT (user_id, sha256) DO UPDATE SET refcount = chunks.refcount + EXCLUDED.refcount
+        RETURNING id, sha256, size, refcount, (xmax = 0) AS inserted),
+    placed AS (
+        INSERT INTO file_chunks (user_id, ino, index, chunk_id)
+        SELECT p_user, p_ino, t.i, r.id
+          FROM unnest(p_indices, p_digests) AS t(i, d) JOIN referenced r ON r.sha256 = t.d
+        RETURNING 1),
+    counted AS (
+        UPDATE usage
+           SET chunks = chunks + (SELECT count(*) FROM referenced WHERE inserted),
+               stored_bytes = stored_bytes
+                   + (SELECT coalesce(sum(size), 0) FROM referenced WHERE inserted)
+         WHERE user_id = p_user
+        RETURNING 1)
+    SELECT coalesce(array_agg(r.sha256) FILTER (WHERE r.refcount = u.n), '{{}}')
+      INTO unreferenced
+      FROM referenced r JOIN uses u ON u.d = r.sha256;
+    SELECT r.chunk_ids, r.digests INTO chunk_ids, digests
+      FROM dfsfs_release_chunks(p_user, dropped) AS r;
+    UPDATE inodes
+       SET size = p_size, mtime_ns = coalesce(p_mtime, mtime_ns),
+           ctime_ns = coalesce(p_mtime, ctime_ns)
+     WHERE id = p_ino AND user_id = p_user;
+    IF old.nlink > 0 THEN
+        UPDATE usage SET logical_bytes = logical_bytes + (p_size - old.size)
+         WHERE user_id = p_user;
+    END IF;
+END $$;
+"""
