@@ -168,13 +168,14 @@ def test_remove_stale_temp_files_only_removes_old_temp_files(store):
     assert store.get(1, digest) == b"kept"
 
 
-def test_sync_fsyncs_every_new_directory_up_to_root(store, monkeypatch):
+def test_put_fsyncs_its_directory_and_sync_the_new_directories_up_to_root(store, monkeypatch):
     synced = []
     monkeypatch.setattr("dfsfs.chunks.local._fsync_directory", synced.append)
     digest = digest_of(b"new")
     store.put(9, digest, b"new")
-    store.sync()
     chunk_dir = os.path.dirname(store._path(9, digest))
+    assert synced == [chunk_dir]  # the put itself: the new name is durable when it returns
+    store.sync()
     namespace_dir = os.path.join(store.root, "9")
     # deepest first
     assert synced == [chunk_dir, os.path.dirname(chunk_dir), namespace_dir, store.root]
@@ -188,13 +189,18 @@ def test_failed_directory_sync_is_retried_by_the_next_sync(store, monkeypatch):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr("dfsfs.chunks.local._fsync_directory", failing_fsync)
-    store.put(1, digest_of(b"a"), b"a")
+    digest = digest_of(b"a")
+    with pytest.raises(StorageError, match="Input/output error"):
+        store.put(1, digest, b"a")
     with pytest.raises(StorageError, match="Input/output error"):
         store.sync()
     synced = []
     monkeypatch.setattr("dfsfs.chunks.local._fsync_directory", synced.append)
+    store.put(1, digest, b"a")  # in place already: its directory is left to the next sync
     store.sync()
-    assert len(synced) == 4
+    chunk_dir = os.path.dirname(store._path(1, digest))
+    assert sorted(synced) == sorted([chunk_dir, os.path.dirname(chunk_dir),
+                                     os.path.join(store.root, "1"), store.root])
 
 
 def test_unreadable_chunk_is_a_storage_error_not_missing(store):

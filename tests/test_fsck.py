@@ -34,6 +34,11 @@ FILE_MODE = stat.S_IFREG | 0o644
 DIR_MODE = stat.S_IFDIR | 0o755
 
 
+def _now_changed() -> dict[str, int]:
+    now = time.time_ns()
+    return {"mtime_ns": now, "ctime_ns": now}
+
+
 class Account:
     """A new account whose files are written as a mount writes them."""
 
@@ -61,11 +66,11 @@ class Account:
             self.stores.put(self.user_id, digest_of(piece), piece)
         self.stores.sync()
         refs = {index: ChunkRef(digest_of(piece), len(piece)) for index, piece in enumerate(pieces)}
-        self._reclaim(self.meta.commit_file(ino, refs, len(data), time.time_ns(),
+        self._reclaim(self.meta.commit_file(ino, refs, len(data), _now_changed(),
                                             drop_from_index=len(pieces)))
 
     def truncate(self, ino: int, chunks_kept: int) -> None:
-        released = self.meta.commit_file(ino, {}, chunks_kept * CHUNK_SIZE, time.time_ns(),
+        released = self.meta.commit_file(ino, {}, chunks_kept * CHUNK_SIZE, _now_changed(),
                                          drop_from_index=chunks_kept)
         self._reclaim(released)
 

@@ -423,6 +423,34 @@ def test_mtime_after_buffered_write_then_utime(work):
     assert (work / "f").read_bytes() == b"x" * 100
 
 
+def test_attributes_set_before_close_are_kept_with_the_data(work, mnt):
+    """tar's order: write, futimens, fchown, fchmod, close. The changes ride along with the
+    buffered data's commit; after a remount (from the database) every one is there, the
+    ctime is the time of the change, and a write after futimens moves mtime on again."""
+    before_ns = time.time_ns()
+    fd = os.open(work / "f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"tar member")
+    os.utime(fd, ns=(10**18, 2 * 10**9))
+    os.fchown(fd, 1234, 5678)
+    os.fchmod(fd, 0o640)
+    st = os.fstat(fd)
+    assert (st.st_mtime_ns, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (2 * 10**9, 1234, 5678, 0o640)
+    os.close(fd)
+    fd = os.open(work / "g", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"first")
+    os.utime(fd, ns=(10**9, 10**9))
+    os.write(fd, b" and then more")
+    os.close(fd)
+    mnt.remount()
+    st = os.stat(work / "f")
+    assert (work / "f").read_bytes() == b"tar member"
+    assert (st.st_atime_ns, st.st_mtime_ns) == (10**18, 2 * 10**9)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o640)
+    assert st.st_ctime_ns >= before_ns
+    assert (work / "g").read_bytes() == b"first and then more"
+    assert os.stat(work / "g").st_mtime_ns >= before_ns
+
+
 def test_write_updates_mtime_and_size(work):
     (work / "f").write_bytes(b"")
     os.utime(work / "f", ns=(10**9, 10**9))

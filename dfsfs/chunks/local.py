@@ -53,11 +53,12 @@ class LocalChunkStore(ChunkStore):
     def put(self, namespace: int, digest: bytes, data: bytes) -> None:
         path = self._path(namespace, digest)
         directory = os.path.dirname(path)
-        if not self._exists(path):
+        if self._exists(path):
+            # Another thread may have renamed it into place and not synced the directory
+            # yet: the next sync does.
+            self._mark_dirty(directory)
+        else:
             self._write_new(directory, path, data)
-        # Also after skipping: another thread may have renamed the file into place
-        # without having recorded its directory as dirty yet.
-        self._mark_dirty(directory)
 
     def get(self, namespace: int, digest: bytes) -> bytes:
         path = self._path(namespace, digest)
@@ -139,6 +140,9 @@ class LocalChunkStore(ChunkStore):
             self._ensure_directory(directory)
             _write_and_fsync(temp_path, data)
             os.rename(temp_path, path)
+            # At once, in this thread: the puts of a file's chunks sync in parallel,
+            # and a small file's close does not wait for a separate sync round.
+            _fsync_directory(directory)
         except OSError as exc:
             _remove_quietly(temp_path)
             raise self._error("writing", path, exc) from exc

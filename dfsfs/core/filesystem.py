@@ -91,7 +91,9 @@ class FileState:
         self.attrs = attrs  # as last read or changed by this mount; serves getattr while open
         self.size = attrs.size  # logical size including buffered writes
         self.committed_size = attrs.size
-        self.mtime_ns: int | None = None  # set by buffered writes until committed
+        self.mtime_ns: int | None = None  # set by buffered writes (or utimens) until committed
+        self.ctime_ns: int | None = None  # of the last write or attribute change not committed
+        self.changed_attrs: dict[str, int] = {}  # mode, uid, gid, atime_ns: see `fold`
         self.dirty: dict[int, bytearray] = {}
         self.pending: dict[int, PendingChunk] = {}
         self.chunk_map: dict[int, ChunkRef] | None = None
@@ -108,7 +110,32 @@ class FileState:
 
     @property
     def has_uncommitted(self) -> bool:
-        return bool(self.dirty or self.pending or self.mtime_ns is not None)
+        return bool(self.dirty or self.pending or self.mtime_ns is not None or self.changed_attrs)
+
+    def fold(self, changes: dict[str, int], now_ns: int) -> None:
+        """An attribute change while writes are buffered: it is committed with them, in
+        one durable commit (tar sets times, owner and mode of each file before closing)."""
+        changes = dict(changes)
+        if "mtime_ns" in changes:
+            self.mtime_ns = changes.pop("mtime_ns")  # a later write moves it on again
+        self.changed_attrs.update(changes)
+        self.ctime_ns = now_ns
+        self.write_seq += 1
+
+    def uncommitted_changes(self) -> dict[str, int]:
+        changes = dict(self.changed_attrs)
+        if self.mtime_ns is not None:
+            changes["mtime_ns"] = self.mtime_ns
+        if self.ctime_ns is not None:
+            changes["ctime_ns"] = self.ctime_ns
+        return changes
+
+    def forget_committed(self, changes: dict[str, int], saw_latest: bool) -> None:
+        for name, value in changes.items():
+            if self.changed_attrs.get(name) == value:
+                del self.changed_attrs[name]
+        if saw_latest:
+            self.mtime_ns = self.ctime_ns = None
 
     @property
     def pending_bytes(self) -> int:
@@ -230,7 +257,8 @@ class FileSystem:
         if not state.has_uncommitted:
             return attrs
         mtime = state.mtime_ns if state.mtime_ns is not None else attrs.mtime_ns
-        return replace(attrs, size=state.size, mtime_ns=mtime, ctime_ns=max(attrs.ctime_ns, mtime))
+        ctime = max(attrs.ctime_ns, state.ctime_ns or 0)
+        return replace(attrs, size=state.size, mtime_ns=mtime, ctime_ns=ctime, **state.changed_attrs)
 
     async def setattr(
         self, ino: int, caller_uid: int, *, size: int | None = None, **changes: int
@@ -245,8 +273,9 @@ class FileSystem:
                 raise PermissionDeniedError("only the owner may own files here")
         if changes:
             state = self._states.get(ino)
-            if state is not None and "mtime_ns" in changes:
-                await self._commit(state)  # a later explicit mtime must win
+            if state is not None and state.has_uncommitted:
+                state.fold(changes, time.time_ns())
+                return self._overlay(state.attrs)
             return self._overlay(await self._meta(self.meta.set_attrs, ino, time.time_ns(), **changes))
         return await self.getattr(ino)
 
@@ -495,7 +524,7 @@ class FileSystem:
             view = view[len(piece):]
         state.size = max(state.size, offset + len(data))
         state.write_seq += 1
-        state.mtime_ns = time.time_ns()
+        state.mtime_ns = state.ctime_ns = time.time_ns()
         state.last_write = time.monotonic()
 
     async def _start_buffer(self, state: FileState, index: int, chunk_offset: int,
@@ -581,9 +610,10 @@ class FileSystem:
                     self._seal(state, index)
                 batch = dict(state.pending)
                 size = state.size
-            await self._commit_batch(state, batch, size)
-            if state.write_seq == seen_seq and not state.dirty and not state.pending:
-                state.mtime_ns = None
+            changes = state.uncommitted_changes()
+            await self._commit_batch(state, batch, size, changes)
+            state.forget_committed(changes, saw_latest=state.write_seq == seen_seq
+                                   and not state.dirty and not state.pending)
 
     def _stored_prefix(self, state: FileState) -> tuple[dict[int, PendingChunk], int]:
         """Stored chunks below the first one still buffered or being stored, and the size
@@ -596,7 +626,8 @@ class FileSystem:
         reached = [i * self.settings.chunk_size + len(p.data) for i, p in batch.items()]
         return batch, min(state.size, max([state.committed_size, *reached]))
 
-    async def _commit_batch(self, state: FileState, batch: dict[int, PendingChunk], size: int) -> None:
+    async def _commit_batch(self, state: FileState, batch: dict[int, PendingChunk], size: int,
+                            changes: dict[str, int]) -> None:
         for pending in batch.values():
             await pending.done.wait()
         failed = [p.error for p in batch.values() if p.error is not None]
@@ -604,20 +635,19 @@ class FileSystem:
             self._drop_buffers(state)
             raise _as_storage_error(failed[0])
         chunks = {index: (p.ref, p.data) for index, p in batch.items()}
-        await self._commit_chunks(state, chunks, size, state.mtime_ns)
+        await self._commit_chunks(state, chunks, size, changes)
         for index, pending in batch.items():
             if state.pending.get(index) is pending:  # not replaced by a newer version meanwhile
                 del state.pending[index]
         self._account(state)
 
     async def _commit_chunks(self, state: FileState, chunks: dict, size: int,
-                             mtime_ns: int | None, drop_from_index: int | None = None) -> None:
+                             changes: dict[str, int], drop_from_index: int | None = None) -> None:
         """Sync the stores, then reference the chunks in one metadata transaction."""
-        await self._chunks(self.store.sync)
         refs = {index: ref for index, (ref, _) in chunks.items()}
         data_by_digest = {ref.digest: data for ref, data in chunks.values() if ref is not None}
         reclaimable = await self._meta(
-            self.meta.commit_file, state.ino, refs, size, mtime_ns, drop_from_index,
+            self._sync_and_commit, state.ino, refs, size, changes, drop_from_index,
             partial(self._ensure_stored, data_by_digest),
         )
         if state.chunk_map is not None:
@@ -631,10 +661,14 @@ class FileSystem:
                     state.chunk_map[index] = ref
         self._count_growth(size - state.committed_size)
         state.committed_size = size
-        times = {} if mtime_ns is None else {"mtime_ns": mtime_ns, "ctime_ns": mtime_ns}
-        state.attrs = replace(state.attrs, size=size, **times)
+        state.attrs = replace(state.attrs, size=size, **changes)
         self._versions[state.ino] = (state.attrs.mtime_ns, size)  # our pages match our writes
         self._reclaim_soon(reclaimable)
+
+    def _sync_and_commit(self, *commit_args) -> list[ReclaimableChunk]:
+        """Worker thread: chunks are durable before anything references them (invariant 1)."""
+        self.store.sync()
+        return self.meta.commit_file(*commit_args)
 
     def _ensure_stored(self, data_by_digest: dict[bytes, bytearray], digests: list[bytes]) -> None:
         """Worker thread, inside the commit: re-store chunks a concurrent reclaim removed."""
@@ -647,7 +681,8 @@ class FileSystem:
     def _drop_buffers(self, state: FileState) -> None:
         state.dirty.clear()
         state.pending.clear()
-        state.mtime_ns = None
+        state.mtime_ns = state.ctime_ns = None
+        state.changed_attrs.clear()
         state.size = state.committed_size
         self._account(state)
 
@@ -712,7 +747,9 @@ class FileSystem:
                 if len(content) > remainder:
                     kept = bytearray(content[:remainder])
                     chunks[boundary] = (await self._chunks(self._store_chunk, kept), kept)
-        await self._commit_chunks(state, chunks, new_size, time.time_ns(), drop_from)
+        now_ns = time.time_ns()
+        await self._commit_chunks(state, chunks, new_size, {"mtime_ns": now_ns, "ctime_ns": now_ns},
+                                  drop_from)
         state.size = new_size
 
     # ---- reading ---------------------------------------------------------------------------------

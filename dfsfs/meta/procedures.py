@@ -163,11 +163,12 @@ END $$;
 
 CREATE OR REPLACE FUNCTION dfsfs_commit_file(
     p_user bigint, p_ino bigint, p_indices bigint[], p_digests bytea[], p_sizes integer[],
-    p_size bigint, p_mtime bigint, p_drop_from bigint,
+    p_size bigint, p_drop_from bigint, p_mtime bigint, p_ctime bigint, p_atime bigint,
+    p_mode integer, p_uid integer, p_gid integer,
     OUT chunk_ids bigint[], OUT digests bytea[], OUT unreferenced bytea[])
 LANGUAGE plpgsql AS $$
 -- Point chunk indices at stored chunks (a NULL digest is a hole), drop indices from
--- p_drop_from on, set size and times. Returns the chunks left without references (for
+-- p_drop_from on, set the size and the attributes given (NULL = unchanged). Returns the chunks left without references (for
 -- reclaim) and the digests that had no reference before (the caller makes sure their
 -- bytes still exist before committing: a reclaim may have just removed them).
 DECLARE
@@ -219,7 +220,8 @@ BEGIN
       FROM dfsfs_release_chunks(p_user, dropped) AS r;
     UPDATE inodes
        SET size = p_size, mtime_ns = coalesce(p_mtime, mtime_ns),
-           ctime_ns = coalesce(p_mtime, ctime_ns)
+           ctime_ns = coalesce(p_ctime, ctime_ns), atime_ns = coalesce(p_atime, atime_ns),
+           mode = coalesce(p_mode, mode), uid = coalesce(p_uid, uid), gid = coalesce(p_gid, gid)
      WHERE id = p_ino AND user_id = p_user;
     IF old.nlink > 0 THEN
         UPDATE usage SET logical_bytes = logical_bytes + (p_size - old.size)

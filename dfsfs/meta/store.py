@@ -10,7 +10,7 @@ worker threads.
 import functools
 import re
 import stat as stat_module
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 
 import psycopg2
@@ -38,6 +38,7 @@ INODE_COLUMNS = "i.id, i.mode, i.uid, i.gid, i.size, i.nlink, i.atime_ns, i.mtim
 NODE_COLUMNS = INODE_COLUMNS.replace("i.", "node.")
 # What the server-side removal functions return: the inode after, whether it was purged,
 # and the chunks left without references.
+COMMITTED_ATTRIBUTES = frozenset({"mtime_ns", "ctime_ns", "atime_ns", "mode", "uid", "gid"})
 REMOVAL_COLUMNS = INODE_COLUMNS.replace("i.", "(r.node).") + ", r.purged, r.chunk_ids, r.digests"
 
 # SQLSTATEs of the server-side functions' refusals (see procedures.py).
@@ -208,8 +209,9 @@ class MetadataStore:
 
     def make_durable(self) -> None:
         """fsync, fsyncdir and close: flush every commit made so far to stable storage."""
-        if self.has_relaxed_commits:
-            self._run(lambda conn: self._exec(conn, "SELECT txid_current()"), durable=True)
+        if self.has_relaxed_commits:  # a commit record, flushed with everything before it
+            self._commit_counted(lambda conn: self._exec(conn, "SELECT txid_current()"),
+                                 durable=True, transaction=False)
 
     def _exec(self, conn: Statements, sql: str, **params) -> "_Result":
         """Run one statement on the call's DBAPI connection (SQLAlchemy's statement layer
@@ -566,22 +568,18 @@ class MetadataStore:
         if not set(changes) <= allowed:
             raise InvalidArgumentError(f"cannot set {sorted(set(changes) - allowed)}")
 
-        def work(conn):
-            # ':uid' is the account in every statement: new values get their own names.
-            assignments = "".join(f", {column} = :new_{column}" for column in changes)
-            row = self._exec(
-                conn,
-                f"UPDATE inodes i SET ctime_ns = :now{assignments}"
-                f" WHERE id = :ino AND user_id = :uid RETURNING {INODE_COLUMNS}",
-                ino=ino,
-                now=now_ns,
-                **{f"new_{column}": value for column, value in changes.items()},
-            ).first()
-            if row is None:
-                raise NotFoundError(f"inode {ino} does not exist")
-            return _attrs(row)
-
-        return self._run(work)
+        # ':uid' is the account in every statement: new values get their own names.
+        assignments = "".join(f", {column} = :new_{column}" for column in changes)
+        rows = self._call(
+            f"UPDATE inodes i SET ctime_ns = :now{assignments}"
+            f" WHERE id = :ino AND user_id = :uid RETURNING {INODE_COLUMNS}",
+            ino=ino,
+            now=now_ns,
+            **{f"new_{column}": value for column, value in changes.items()},
+        )
+        if not rows:
+            raise NotFoundError(f"inode {ino} does not exist")
+        return _attrs(rows[0])
 
     # ---- file contents ---------------------------------------------------------------
 
@@ -590,11 +588,12 @@ class MetadataStore:
         ino: int,
         new_chunks: dict[int, ChunkRef | None],
         size: int,
-        mtime_ns: int | None,
+        changes: Mapping[str, int] | None = None,
         drop_from_index: int | None = None,
         ensure_stored: Callable[[list[bytes]], None] | None = None,
     ) -> list[ReclaimableChunk]:
-        """Point chunk indices at stored chunks (None = hole), set size and times.
+        """Point chunk indices at stored chunks (None = hole), set size and `changes`
+        (any of mtime_ns, ctime_ns, atime_ns, mode, uid, gid).
 
         The chunks in `new_chunks` must already be durable in the chunk stores
         (invariant 1). Indices >= `drop_from_index` lose their chunks (truncation).
@@ -606,20 +605,28 @@ class MetadataStore:
 
         indices = sorted(new_chunks)
         refs = [new_chunks[index] for index in indices]
+        changes = dict(changes or {})
+        if not set(changes) <= COMMITTED_ATTRIBUTES:
+            raise InvalidArgumentError(f"cannot set {sorted(set(changes) - COMMITTED_ATTRIBUTES)}")
 
         def work(conn):
             reclaimable_ids, reclaimable_digests, unreferenced = self._exec(
                 conn,
                 "SELECT r.chunk_ids, r.digests, r.unreferenced FROM dfsfs_commit_file(:uid, :ino,"
                 " CAST(:indices AS bigint[]), CAST(:digests AS bytea[]), CAST(:sizes AS integer[]),"
-                " :size, :mtime, :drop_from) AS r",
+                " :size, :drop_from, :mtime, :ctime, :atime, :mode, :owner, :group) AS r",
                 ino=ino,
                 indices=indices,
                 digests=[None if ref is None else ref.digest for ref in refs],
                 sizes=[None if ref is None else ref.size for ref in refs],
                 size=size,
-                mtime=mtime_ns,
                 drop_from=drop_from_index,
+                mtime=changes.get("mtime_ns"),
+                ctime=changes.get("ctime_ns"),
+                atime=changes.get("atime_ns"),
+                mode=changes.get("mode"),
+                owner=changes.get("uid"),
+                group=changes.get("gid"),
             ).one()
             if unreferenced and ensure_stored is not None:
                 ensure_stored([bytes(digest) for digest in unreferenced])  # rows locked meanwhile
