@@ -6,6 +6,7 @@ file, fsync, rename over the target) and move a directory, and delete files. The
   point detects it, cleans it up and says so;
 * `dfsfs fsck` finds nothing but leftovers a crash may leave (orphan chunk files, chunk rows
   no file references) — never a dangling reference, a lost chunk or wrong counts;
+* deletes not yet fsync'd may be undone, newest first, never out of order;
 * every file reads as its old content or its new content. A file whose writer had not
   closed it yet (nor fsync'd all of it) may hold a prefix of the new content — unsynced
   writes may be partially present — but never other bytes (no garbage, no zeros in the
@@ -339,24 +340,29 @@ def check_files(root, model, specs, events, directory, where) -> str:
     verdict("directory content", read_or_none(root / directory / "inner") == INNER,
             "the moved directory's file changed")
 
-    # delete: journalled unlinks are gone; the one in flight may be; the rest are intact
+    # delete: unlinks reach the database in order, in batches, and like any namespace change
+    # without an fsync a crash may undo the last ones. So the names gone are a prefix of the
+    # order, at most one beyond those acknowledged (the one in flight); the rest are intact.
     spec, lines = specs["delete"], events["delete"]
     unlinked = [line[1] for line in lines if line[0] == "unlinked"]
     order = spec["names"]
     verdict("deletes", unlinked == order[:len(unlinked)], "journal out of order")
-    for position, name in enumerate(order):
-        actual = read_or_none(root / name)
-        if position < len(unlinked):
-            verdict(name, actual is None, f"unlinked but reads {describe(actual)}")
-        elif position == len(unlinked):
-            verdict(name, actual is None or actual == model[name],
-                    f"unlink in flight: reads {describe(actual)} of {len(model[name])}")
-        else:
-            verdict(name, actual == model[name], f"never unlinked: reads {describe(actual)}")
+    present = [read_or_none(root / name) for name in order]
+    gone = next((position for position, actual in enumerate(present) if actual is not None),
+                len(order))
+    verdict("deletes", gone <= len(unlinked) + 1,
+            f"{gone} names gone, only {len(unlinked)} unlinks acknowledged")
+    for position, (name, actual) in enumerate(zip(order, present, strict=True)):
+        if position >= gone:
+            verdict(name, actual == model[name],
+                    f"after the last name gone ({gone}): reads {describe(actual)}")
         if actual is None:
             model.pop(name)
         else:
             model[name] = actual
+    undone = len(unlinked) - min(gone, len(unlinked))
+    if undone:
+        print(f"deletes: {undone} acknowledged unlinks undone by the crash (not fsync'd)")
 
     # every other file is intact (those checked above read the same again), nothing else appeared
     for name, data in model.items():

@@ -451,6 +451,31 @@ def test_attributes_set_before_close_are_kept_with_the_data(work, mnt):
     assert os.stat(work / "g").st_mtime_ns >= before_ns
 
 
+def test_removals_are_seen_at_once_and_survive_a_remount(work, mnt):
+    """unlink answers before its batch reaches the database; this mount must behave as if
+    the name were gone already, and the removal must land."""
+    (work / "d").mkdir()
+    for index in range(300):
+        (work / "d" / f"f{index}").write_bytes(b"x" * index)
+    os.unlink(work / "d" / "f1")
+    assert not (work / "d" / "f1").exists()
+    assert "f1" not in os.listdir(work / "d")
+    (work / "d" / "f2").unlink()
+    (work / "d" / "f2").write_bytes(b"again")  # the same name at once: a new file
+    assert (work / "d" / "f2").read_bytes() == b"again"
+    os.link(work / "d" / "f3", work / "d" / "g3")
+    os.unlink(work / "d" / "f3")
+    assert (work / "d" / "g3").read_bytes() == b"x" * 3
+    sh(f"rm -rf {work}/d")  # unlinks, then rmdir of the directory they emptied
+    assert not (work / "d").exists()
+    (work / "e").mkdir()
+    (work / "e" / "only").write_bytes(b"1")
+    os.unlink(work / "e" / "only")
+    os.rmdir(work / "e")
+    mnt.remount()
+    assert not (work / "d").exists() and not (work / "e").exists()
+
+
 def test_write_updates_mtime_and_size(work):
     (work / "f").write_bytes(b"")
     os.utime(work / "f", ns=(10**9, 10**9))

@@ -13,6 +13,7 @@ import os
 import stat as stat_module
 import time
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -27,6 +28,7 @@ from dfsfs.errors import (
     MetadataUnavailableError,
     NameTooLongError,
     NoAttributeError,
+    NotFoundError,
     NotSupportedError,
     PermissionDeniedError,
     QuotaExceededError,
@@ -44,6 +46,9 @@ MAP_AT_OPEN_CHUNKS = 64  # files up to this many chunks get their chunk map with
 CAPABILITY_XATTR = b"security.capability"  # asked for by the kernel before writes
 RECLAIM_GATHER_S = 0.2  # freed chunks are gathered this long into one reclaim
 RECLAIM_BATCH = 512  # chunks per reclaim transaction
+UNLINK_BATCH = 256  # queued removals per metadata call
+UNLINK_QUEUE_MAX = 4096  # an unlink waits for the queue to drain beyond this
+UNLINK_RETRY_S = 1.0  # after a failed batch (the database away)
 
 
 @dataclass(frozen=True)
@@ -74,13 +79,14 @@ class Capacity:
 class PendingChunk:
     """A sealed chunk buffer: being stored, or stored and waiting for its commit."""
 
-    __slots__ = ("data", "ref", "error", "done")
+    __slots__ = ("data", "ref", "error", "done", "storing")
 
     def __init__(self, data: bytes | bytearray):
         self.data = data
         self.ref: ChunkRef | None = None  # None with no error: an all-zero chunk (a hole)
         self.error: BaseException | None = None
         self.done = trio.Event()
+        self.storing = False  # stored in the background; else by the commit that takes it
 
 
 class FileState:
@@ -180,20 +186,37 @@ class FileSystem:
         self._reclaim_wanted = trio.Event()
         self._reclaiming = trio.Lock()
         self._nursery: trio.Nursery | None = None
+        # Names removed by unlink and not yet in the database, in order (see unlink).
+        self._unlinks: dict[tuple[int, bytes], int] = {}  # -> time of the unlink (ns)
+        self._unlinks_wanted = trio.Event()
+        self._applying_unlinks = trio.Lock()
+        self._metadata_reachable = True  # the last metadata call got an answer
         self._zeros = bytes(settings.chunk_size)
+        # Store the chunks a commit seals while its metadata transaction runs.
+        self._store_helpers = futures.ThreadPoolExecutor(settings.thread_limit,
+                                                         thread_name_prefix="commit-store")
 
     # ---- lifecycle -----------------------------------------------------------------
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Run background work (uploads, readahead, the flusher) until cancelled."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._flusher)
-            nursery.start_soon(self._reclaimer)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._flusher)
+                nursery.start_soon(self._reclaimer)
+                nursery.start_soon(self._unlinker)
+                task_status.started()
+        finally:
+            self._store_helpers.shutdown(wait=False)
 
     async def flush_all(self) -> None:
-        """Commit every buffered write (unmount, SIGTERM)."""
+        """Commit every buffered write and queued removal (unmount, SIGTERM)."""
+        try:
+            await self._apply_unlinks()
+        except DfsfsError as error:
+            log.error("%d removals could not reach the database and are lost: %s",
+                      len(self._unlinks), error)
         for state in list(self._states.values()):
             try:
                 await self._commit(state)
@@ -206,10 +229,17 @@ class FileSystem:
         in time: a frozen server must not hang the file system. An abandoned call may
         still complete later; each is one transaction, so it lands whole or not at all."""
         with trio.move_on_after(self.settings.metadata_timeout_s):
-            return await trio.to_thread.run_sync(
-                partial(function, *args, **kwargs), limiter=self.meta_limiter,
-                abandon_on_cancel=True,
-            )
+            try:
+                result = await trio.to_thread.run_sync(
+                    partial(function, *args, **kwargs), limiter=self.meta_limiter,
+                    abandon_on_cancel=True,
+                )
+            except MetadataUnavailableError:
+                self._metadata_reachable = False
+                raise
+            self._metadata_reachable = True
+            return result
+        self._metadata_reachable = False
         raise MetadataUnavailableError(
             f"the metadata database did not answer within {self.settings.metadata_timeout_s:g} s")
 
@@ -220,16 +250,33 @@ class FileSystem:
 
     async def lookup(self, parent_ino: int, name: bytes) -> Attrs:
         _check_name(name)
-        return self._overlay(await self._meta(self.meta.lookup, parent_ino, name))
+        if (parent_ino, name) in self._unlinks:
+            raise NotFoundError("no such entry")
+        attrs = await self._meta(self.meta.lookup, parent_ino, name)
+        if self._may_lag(attrs):
+            await self._apply_unlinks()
+            attrs = await self._meta(self.meta.lookup, parent_ino, name)
+        return self._overlay(attrs)
 
     async def getattr(self, ino: int) -> Attrs:
         state = self._states.get(ino)
         if state is not None and state.open_handles:
+            if self._unlinks:
+                await self._apply_unlinks()  # one of them may be this file's name: nlink 0
             return self._overlay(state.attrs)  # close-to-open: an open file's attrs are ours
         recent = self._recent_attrs.get(ino)
-        if recent is not None and recent[0] > time.monotonic():
+        if recent is not None and recent[0] > time.monotonic() and not self._may_lag(recent[1]):
             return recent[1]
-        return self._overlay(await self._meta(self.meta.get_attrs, ino))
+        attrs = await self._meta(self.meta.get_attrs, ino)
+        if self._may_lag(attrs):
+            await self._apply_unlinks()
+            attrs = await self._meta(self.meta.get_attrs, ino)
+        return self._overlay(attrs)
+
+    def _may_lag(self, attrs: Attrs) -> bool:
+        """Whether queued removals may change these attributes: another of its names may
+        be among them (a directory's own entries are kept in step by _dir_changed)."""
+        return bool(self._unlinks) and not attrs.is_dir and attrs.nlink > 1
 
     def _remember(self, attrs: Attrs) -> None:
         """Keep attributes as long as the kernel would: it forgets a file's after every
@@ -280,6 +327,7 @@ class FileSystem:
         return await self.getattr(ino)
 
     async def readdir(self, ino: int, after_id: int, limit: int):
+        await self._apply_unlinks()
         entries = await self._meta(self.meta.readdir, ino, after_id, limit)
         return [(entry_id, name, self._overlay(attrs)) for entry_id, name, attrs in entries]
 
@@ -296,6 +344,7 @@ class FileSystem:
             raise NotSupportedError("only files, directories, symlinks, fifos and sockets")
         if target is not None and len(target) >= PATH_MAX:
             raise NameTooLongError("symbolic link target too long")
+        await self._apply_unlinks()  # the name may be one of them
         now_ns = time.time_ns()
         attrs = await self._meta(self.meta.make_node, parent_ino, name, mode, uid, gid,
                                  now_ns, rdev, target)
@@ -311,6 +360,7 @@ class FileSystem:
 
     async def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Attrs:
         _check_name(new_name)
+        await self._apply_unlinks()
         await self._commit_if_open(ino)
         now_ns = time.time_ns()
         attrs = await self._meta(self.meta.link, ino, new_parent_ino, new_name, now_ns)
@@ -318,7 +368,22 @@ class FileSystem:
         return self._overlay(attrs)
 
     async def unlink(self, parent_ino: int, name: bytes, *, directory: bool = False) -> None:
+        """Remove a name. A file's name is queued and answered at once: removals reach the
+        database in batches (rm -rf would otherwise wait for one transaction per file).
+        The kernel only asks after its own lookup found a file there. Until the batch
+        lands, lookups here answer that the name is gone, and every other change of the
+        namespace, readdir and fsync apply the queue first; like every namespace change,
+        removals are durable at the next fsync or close. Directories (which must be
+        empty), and every removal while the database does not answer, go at once."""
         _check_name(name)
+        if not directory and self._metadata_reachable:
+            if len(self._unlinks) >= UNLINK_QUEUE_MAX:
+                await self._apply_unlinks()
+            now_ns = self._unlinks[(parent_ino, name)] = time.time_ns()
+            self._dir_changed(parent_ino, now_ns)
+            self._unlinks_wanted.set()
+            return
+        await self._apply_unlinks()
         now_ns = time.time_ns()
         removal = await self._meta(self.meta.unlink, parent_ino, name, now_ns,
                                    directory=directory, open_inos=self._open_inos())
@@ -329,12 +394,39 @@ class FileSystem:
                      new_name: bytes, flags: int) -> None:
         _check_name(old_name)
         _check_name(new_name)
+        await self._apply_unlinks()
         removal = await self._meta(self.meta.rename, old_parent_ino, old_name, new_parent_ino,
                                    new_name, flags, time.time_ns(), self._open_inos())
         for parent_ino in (old_parent_ino, new_parent_ino):  # link counts moved: ask again
             self._recent_attrs.pop(parent_ino, None)
         if removal is not None:
             self._removed(removal)
+
+    async def _unlinker(self) -> None:
+        while True:
+            await self._unlinks_wanted.wait()
+            self._unlinks_wanted = trio.Event()
+            try:
+                await self._apply_unlinks()
+            except DfsfsError as error:
+                log.warning("%d removals not in the database yet (retrying): %s",
+                            len(self._unlinks), error)
+                await trio.sleep(UNLINK_RETRY_S)
+                self._unlinks_wanted.set()
+
+    async def _apply_unlinks(self) -> None:
+        """Write the queued removals to the database, in batches, and wait for them."""
+        async with self._applying_unlinks:
+            while self._unlinks:
+                batch = dict(list(self._unlinks.items())[:UNLINK_BATCH])
+                results = await self._meta(self.meta.unlink_each, batch, self._open_inos())
+                for (parent_ino, name), result in zip(batch, results, strict=True):
+                    del self._unlinks[(parent_ino, name)]
+                    if isinstance(result, DfsfsError):
+                        # Gone meanwhile, or replaced: the kernel saw a file there.
+                        log.info("queued removal of %r in directory %d: %s", name, parent_ino, result)
+                        continue
+                    self._removed(result)
 
     def _open_inos(self) -> frozenset[int]:
         return frozenset(ino for ino, state in self._states.items() if state.open_handles)
@@ -430,6 +522,7 @@ class FileSystem:
     async def make_durable(self) -> None:
         """fsyncdir, and close/fsync of a file with nothing to commit: namespace changes
         commit without waiting for the disk until here."""
+        await self._apply_unlinks()
         if self.meta.has_relaxed_commits:
             await self._meta(self.meta.make_durable)
 
@@ -547,6 +640,7 @@ class FileSystem:
     def _seal_data(self, state: FileState, index: int, data: bytes | bytearray) -> None:
         """Hand a chunk's bytes to the background: hash and store them now, commit later."""
         pending = state.pending[index] = PendingChunk(data)  # replaces an older version
+        pending.storing = True
         self._nursery.start_soon(self._store_pending, pending)
 
     async def _store_pending(self, pending: PendingChunk) -> None:
@@ -559,11 +653,15 @@ class FileSystem:
 
     def _store_chunk(self, data: bytes | bytearray) -> ChunkRef | None:
         """Worker thread: hash and store one chunk; an all-zero chunk becomes a hole."""
+        ref = self._chunk_ref(data)
+        if ref is not None:
+            self.store.put(self.namespace, ref.digest, data)
+        return ref
+
+    def _chunk_ref(self, data: bytes | bytearray) -> ChunkRef | None:
         if self._is_zeros(data):
             return None
-        digest = hashlib.sha256(data).digest()
-        self.store.put(self.namespace, digest, data)
-        return ChunkRef(digest, len(data))
+        return ChunkRef(hashlib.sha256(data).digest(), len(data))
 
     def _is_zeros(self, data: bytes | bytearray) -> bool:
         if not data or data[0] or data[-1] or data[len(data) // 2]:
@@ -606,8 +704,8 @@ class FileSystem:
             if stored_only:
                 batch, size = self._stored_prefix(state)
             else:
-                for index in list(state.dirty):
-                    self._seal(state, index)
+                for index in list(state.dirty):  # stored by this commit itself: see _commit_chunks
+                    state.pending[index] = PendingChunk(state.dirty.pop(index))
                 batch = dict(state.pending)
                 size = state.size
             changes = state.uncommitted_changes()
@@ -628,28 +726,37 @@ class FileSystem:
 
     async def _commit_batch(self, state: FileState, batch: dict[int, PendingChunk], size: int,
                             changes: dict[str, int]) -> None:
-        for pending in batch.values():
+        stored = {index: p for index, p in batch.items() if p.storing}
+        for pending in stored.values():
             await pending.done.wait()
-        failed = [p.error for p in batch.values() if p.error is not None]
+        failed = [p.error for p in stored.values() if p.error is not None]
         if failed:
             self._drop_buffers(state)
             raise _as_storage_error(failed[0])
-        chunks = {index: (p.ref, p.data) for index, p in batch.items()}
-        await self._commit_chunks(state, chunks, size, changes)
+        chunks = {index: (p.ref, p.data) for index, p in stored.items()}
+        unstored = {index: p.data for index, p in batch.items() if not p.storing}
+        try:
+            await self._commit_chunks(state, chunks, size, changes, unstored=unstored)
+        except _StoreFailed as failure:
+            self._drop_buffers(state)
+            raise _as_storage_error(failure.error) from None
         for index, pending in batch.items():
             if state.pending.get(index) is pending:  # not replaced by a newer version meanwhile
                 del state.pending[index]
         self._account(state)
 
     async def _commit_chunks(self, state: FileState, chunks: dict, size: int,
-                             changes: dict[str, int], drop_from_index: int | None = None) -> None:
-        """Sync the stores, then reference the chunks in one metadata transaction."""
+                             changes: dict[str, int], drop_from_index: int | None = None,
+                             unstored: dict[int, bytes | bytearray] | None = None) -> None:
+        """Reference stored chunks, and `unstored` ones stored meanwhile, in one metadata
+        transaction that commits only when all of them are durable."""
         refs = {index: ref for index, (ref, _) in chunks.items()}
         data_by_digest = {ref.digest: data for ref, data in chunks.values() if ref is not None}
-        reclaimable = await self._meta(
-            self._sync_and_commit, state.ino, refs, size, changes, drop_from_index,
-            partial(self._ensure_stored, data_by_digest),
+        new_refs, reclaimable = await self._meta(
+            self._store_and_commit, state.ino, refs, data_by_digest, unstored or {}, size,
+            changes, drop_from_index,
         )
+        refs.update(new_refs)
         if state.chunk_map is not None:
             if drop_from_index is not None:
                 for index in [i for i in state.chunk_map if i >= drop_from_index]:
@@ -665,10 +772,36 @@ class FileSystem:
         self._versions[state.ino] = (state.attrs.mtime_ns, size)  # our pages match our writes
         self._reclaim_soon(reclaimable)
 
-    def _sync_and_commit(self, *commit_args) -> list[ReclaimableChunk]:
-        """Worker thread: chunks are durable before anything references them (invariant 1)."""
-        self.store.sync()
-        return self.meta.commit_file(*commit_args)
+    def _store_and_commit(self, ino: int, refs: dict, data_by_digest: dict,
+                          unstored: dict[int, bytes | bytearray], size: int,
+                          changes: dict[str, int], drop_from_index: int | None):
+        """Worker thread. The unstored chunks are hashed here, then stored (and the stores
+        synced) by a helper thread while the metadata transaction references them; it
+        commits only once they are durable (invariant 1). A small file's close then waits
+        for the disk and the database side by side instead of one after the other."""
+        new_refs = {index: self._chunk_ref(data) for index, data in unstored.items()}
+        to_store = {ref.digest: unstored[index] for index, ref in new_refs.items() if ref}
+        data_by_digest = {**data_by_digest, **to_store}
+        storing = self._store_helpers.submit(self._put_and_sync, to_store)
+
+        def before_commit(unreferenced: list[bytes]) -> None:
+            try:
+                storing.result()
+            except BaseException as error:  # noqa: BLE001 - the commit must not happen
+                raise _StoreFailed(error) from error
+            self._ensure_stored(data_by_digest, unreferenced)
+
+        try:
+            reclaimable = self.meta.commit_file(ino, {**refs, **new_refs}, size, changes,
+                                                drop_from_index, before_commit)
+        finally:
+            futures.wait([storing])  # never leave a put running unseen
+        return new_refs, reclaimable
+
+    def _put_and_sync(self, data_by_digest: dict[bytes, bytes | bytearray]) -> None:
+        for digest, data in data_by_digest.items():
+            self.store.put(self.namespace, digest, data)
+        self.store.sync()  # also what background puts of this file left to sync
 
     def _ensure_stored(self, data_by_digest: dict[bytes, bytearray], digests: list[bytes]) -> None:
         """Worker thread, inside the commit: re-store chunks a concurrent reclaim removed."""
@@ -920,6 +1053,14 @@ def _check_xattr_name(name: bytes) -> None:
         raise NotSupportedError("POSIX ACLs are not supported")
     if not name or len(name) > NAME_MAX:
         raise InvalidArgumentError("invalid attribute name")
+
+
+class _StoreFailed(Exception):
+    """Storing a chunk failed inside a commit (which then did not happen)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _as_storage_error(error: BaseException) -> DfsfsError:

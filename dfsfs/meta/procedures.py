@@ -17,17 +17,28 @@ S_IFLNK = 0o120000
 FUNCTIONS_SQL = f"""
 CREATE OR REPLACE FUNCTION dfsfs_release_chunks(
     p_user bigint, p_dropped bigint[], OUT chunk_ids bigint[], OUT digests bytea[])
-LANGUAGE sql AS $$
-    -- One reference less per use; the chunks left without any are returned for reclaim.
-    WITH released AS (
-        UPDATE chunks c SET refcount = c.refcount - t.n
-          FROM (SELECT id, count(*) AS n FROM unnest(p_dropped) AS id GROUP BY id) AS t
-         WHERE c.id = t.id AND c.user_id = p_user AND c.refcount - t.n >= 0
-        RETURNING c.id, c.sha256, c.refcount)
-    SELECT coalesce(array_agg(id ORDER BY id) FILTER (WHERE refcount = 0), '{{}}'),
-           coalesce(array_agg(sha256 ORDER BY id) FILTER (WHERE refcount = 0), '{{}}')
-      FROM released
-$$;
+LANGUAGE plpgsql AS $$
+-- One reference less per use; the chunks left without any are returned for reclaim.
+-- One primary-key update per chunk, in id order (a fixed lock order: no deadlocks), so
+-- the plan cannot turn into a scan of the user's chunks.
+DECLARE
+    dropped record;
+    released record;
+BEGIN
+    chunk_ids := '{{}}';
+    digests := '{{}}';
+    FOR dropped IN
+        SELECT id, count(*) AS n FROM unnest(p_dropped) AS id GROUP BY id ORDER BY id
+    LOOP
+        UPDATE chunks SET refcount = refcount - dropped.n
+         WHERE id = dropped.id AND user_id = p_user AND refcount - dropped.n >= 0
+        RETURNING id, sha256, refcount INTO released;
+        IF FOUND AND released.refcount = 0 THEN
+            chunk_ids := chunk_ids || released.id;
+            digests := digests || released.sha256;
+        END IF;
+    END LOOP;
+END $$;
 
 CREATE OR REPLACE FUNCTION dfsfs_purge(
     p_user bigint, p_ino bigint, OUT chunk_ids bigint[], OUT digests bytea[])
@@ -111,6 +122,40 @@ BEGIN
     purged := removed.purged;
     chunk_ids := removed.chunk_ids;
     digests := removed.digests;
+END $$;
+
+CREATE OR REPLACE FUNCTION dfsfs_unlink_each(
+    p_user bigint, p_parents bigint[], p_names bytea[], p_times bigint[], p_open bigint[])
+RETURNS TABLE (item integer, refusal text, node inodes, purged boolean, chunk_ids bigint[],
+               digests bytea[])
+LANGUAGE plpgsql AS $$
+-- Remove many names of non-directories in one call. A refused one (gone already, or a
+-- directory now) is reported by its SQLSTATE and the others are still removed.
+DECLARE
+    removed record;
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_names, 1), 0) LOOP
+        item := i;
+        BEGIN
+            SELECT * INTO removed
+              FROM dfsfs_unlink(p_user, p_parents[i], p_names[i], p_times[i], false, p_open);
+            refusal := NULL;
+            node := removed.node;
+            purged := removed.purged;
+            chunk_ids := removed.chunk_ids;
+            digests := removed.digests;
+        EXCEPTION WHEN OTHERS THEN
+            IF SQLSTATE NOT LIKE 'DF%' THEN
+                RAISE;
+            END IF;
+            refusal := SQLSTATE;
+            node := NULL;
+            purged := false;
+            chunk_ids := '{{}}';
+            digests := '{{}}';
+        END;
+        RETURN NEXT;
+    END LOOP;
 END $$;
 
 CREATE OR REPLACE FUNCTION dfsfs_make_node(

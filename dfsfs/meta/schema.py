@@ -81,7 +81,9 @@ inodes = Table(
     CheckConstraint("nlink >= 0", name="inodes_nlink_nonnegative"),
     CheckConstraint("size >= 0", name="inodes_size_nonnegative"),
 )
-Index("inodes_user", inodes.c.user_id)
+# Inodes left without a name (a crashed mount's open-but-unlinked files). No index on
+# user_id alone: the planner's generic plans then scanned a user's inodes for lookups by id.
+Index("inodes_unlinked", inodes.c.user_id, postgresql_where=inodes.c.nlink == 0)
 
 # Directory entries. Names are bytes: Linux names need not be valid UTF-8.
 dentries = Table(

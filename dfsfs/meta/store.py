@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from dfsfs.errors import (
+    DfsfsError,
     ExistsError,
     InvalidArgumentError,
     IsDirectoryError,
@@ -395,6 +396,21 @@ class MetadataStore:
         )
         return _removal(row)
 
+    def unlink_each(self, names: dict[tuple[int, bytes], int],
+                    open_inos: Container[int] = ()) -> list[Removal | DfsfsError]:
+        """Remove many names of non-directories ((parent, name) -> time of the removal),
+        each as `unlink` would, in order, in one call; a name that cannot be removed gets
+        its error in its place and the rest go on."""
+        rows = self._call(
+            f"SELECT r.refusal, {REMOVAL_COLUMNS} FROM dfsfs_unlink_each(:uid,"
+            " CAST(:parents AS bigint[]), CAST(:names AS bytea[]), CAST(:times AS bigint[]),"
+            " CAST(:open AS bigint[])) AS r ORDER BY r.item",
+            parents=[parent for parent, _ in names], names=[name for _, name in names],
+            times=list(names.values()), open=list(open_inos),
+        )
+        return [_removal(row[1:]) if row[0] is None else _REFUSALS[row[0]](f"cannot remove: {row[0]}")
+                for row in rows]
+
     def _remove_link(self, conn: Statements, target: Attrs, now_ns: int,
                      open_inos: Container[int]) -> Removal:
         """The target's dentry was just removed: one link less, purged when none is left."""
@@ -590,16 +606,18 @@ class MetadataStore:
         size: int,
         changes: Mapping[str, int] | None = None,
         drop_from_index: int | None = None,
-        ensure_stored: Callable[[list[bytes]], None] | None = None,
+        before_commit: Callable[[list[bytes]], None] | None = None,
     ) -> list[ReclaimableChunk]:
         """Point chunk indices at stored chunks (None = hole), set size and `changes`
         (any of mtime_ns, ctime_ns, atime_ns, mode, uid, gid).
 
-        The chunks in `new_chunks` must already be durable in the chunk stores
-        (invariant 1). Indices >= `drop_from_index` lose their chunks (truncation).
-        `ensure_stored(digests)` is called, inside the transaction and holding the chunk
-        rows' locks, for chunks that had no reference before: a concurrent reclaim may
-        have deleted their bytes, so the caller re-stores them.
+        The chunks in `new_chunks` must be durable in the chunk stores before the
+        transaction commits (invariant 1): `before_commit(digests)` is called inside it,
+        holding the chunk rows' locks, just before COMMIT, with the digests that had no
+        reference before. A concurrent reclaim may have deleted their bytes, so the
+        caller re-stores them. It may also finish storing the new chunks then: an
+        exception from it aborts the commit.
+        Indices >= `drop_from_index` lose their chunks (truncation).
         Returns the chunks left without references, for `reclaim` after the commit.
         """
 
@@ -628,8 +646,8 @@ class MetadataStore:
                 owner=changes.get("uid"),
                 group=changes.get("gid"),
             ).one()
-            if unreferenced and ensure_stored is not None:
-                ensure_stored([bytes(digest) for digest in unreferenced])  # rows locked meanwhile
+            if before_commit is not None:
+                before_commit([bytes(digest) for digest in unreferenced])  # rows locked meanwhile
             return _reclaimable(reclaimable_ids, reclaimable_digests)
 
         return self._run(work, durable=True)
