@@ -114,14 +114,14 @@ class Operations(pyfuse3.Operations):
 
     @errno_boundary
     async def opendir(self, inode, ctx):
-        return inode
+        return self.fs.opendir(self._ino(inode))
 
     @errno_boundary
     async def readdir(self, fh, start_id, token):
         batch = 256
         after = start_id
         while True:
-            entries = await self.fs.readdir(self._ino(fh), after, batch)
+            entries = await self.fs.readdir(fh, after, batch)
             for entry_id, name, attrs in entries:
                 if not pyfuse3.readdir_reply(token, name, self._entry(attrs), entry_id):
                     return
@@ -131,7 +131,7 @@ class Operations(pyfuse3.Operations):
 
     @errno_boundary
     async def releasedir(self, fh):
-        return None
+        self.fs.releasedir(fh)
 
     @errno_boundary
     async def fsyncdir(self, fh, datasync):

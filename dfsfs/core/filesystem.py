@@ -34,7 +34,15 @@ from dfsfs.errors import (
     QuotaExceededError,
     StorageError,
 )
-from dfsfs.meta.store import Attrs, ChunkRef, MetadataStore, ReclaimableChunk, Removal, Usage
+from dfsfs.meta.store import (
+    Attrs,
+    ChunkRef,
+    MetadataStore,
+    QueuedRemoval,
+    ReclaimableChunk,
+    Removal,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +162,29 @@ class Handle:
     flags: int
 
 
+class DirHandle:
+    """An open directory: the last page of entries read from the database."""
+
+    def __init__(self, ino: int):
+        self.ino = ino
+        self.page_after = 0  # the page holds the entries after this id ...
+        self.page: list[tuple[int, bytes, Attrs]] = []  # ... in id order
+        self.complete = False  # ... and every entry up to the end
+
+    def serve(self, after_id: int, limit: int) -> list[tuple[int, bytes, Attrs]] | None:
+        """Entries after `after_id` from the page, or None if the database must be asked."""
+        last_id = self.page[-1][0] if self.page else self.page_after
+        if after_id == 0 or not self.page_after <= after_id <= last_id:
+            return None  # (from 0: a new listing, or rewinddir, which must see changes)
+        rest = [entry for entry in self.page if entry[0] > after_id]
+        if not rest and not self.complete:
+            return None
+        return rest[:limit]
+
+    def fetched(self, after_id: int, entries: list, complete: bool) -> None:
+        self.page_after, self.page, self.complete = after_id, entries, complete
+
+
 class FileSystem:
     """The core of one mounted namespace. `ino` values are the metadata store's inode ids."""
 
@@ -176,6 +207,7 @@ class FileSystem:
         self.chunk_limiter = trio.CapacityLimiter(settings.thread_limit)
         self._states: dict[int, FileState] = {}
         self._handles: dict[int, Handle] = {}
+        self._dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._fetching: dict[bytes, trio.Event] = {}
         self._usage: tuple[float, Usage] | None = None
@@ -187,7 +219,7 @@ class FileSystem:
         self._reclaiming = trio.Lock()
         self._nursery: trio.Nursery | None = None
         # Names removed by unlink and not yet in the database, in order (see unlink).
-        self._unlinks: dict[tuple[int, bytes], int] = {}  # -> time of the unlink (ns)
+        self._unlinks: dict[tuple[int, bytes], QueuedRemoval] = {}
         self._unlinks_wanted = trio.Event()
         self._applying_unlinks = trio.Lock()
         self._metadata_reachable = True  # the last metadata call got an answer
@@ -326,10 +358,31 @@ class FileSystem:
             return self._overlay(await self._meta(self.meta.set_attrs, ino, time.time_ns(), **changes))
         return await self.getattr(ino)
 
-    async def readdir(self, ino: int, after_id: int, limit: int):
-        await self._apply_unlinks()
-        entries = await self._meta(self.meta.readdir, ino, after_id, limit)
-        return [(entry_id, name, self._overlay(attrs)) for entry_id, name, attrs in entries]
+    def opendir(self, ino: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_handles[fh] = DirHandle(ino)
+        return fh
+
+    def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    async def readdir(self, fh: int, after_id: int, limit: int) -> list[tuple[int, bytes, Attrs]]:
+        """Entries after `after_id`, at most `limit`. The kernel takes a page's worth at a
+        time and asks again from where it stopped: served from the handle's last page, and
+        an ended listing is not queried again."""
+        handle = self._dir_handles.get(fh)
+        if handle is None:
+            raise InvalidArgumentError("not an open directory")
+        served = handle.serve(after_id, limit)
+        if served is not None:
+            return served
+        if any(parent_ino == handle.ino for parent_ino, _ in self._unlinks):
+            await self._apply_unlinks()
+        rows = await self._meta(self.meta.readdir, handle.ino, after_id, limit)
+        entries = [(entry_id, name, self._overlay(attrs)) for entry_id, name, attrs in rows]
+        handle.fetched(after_id, entries, complete=len(entries) < limit)
+        return entries
 
     async def readlink(self, ino: int) -> bytes:
         return await self._meta(self.meta.readlink, ino)
@@ -372,23 +425,22 @@ class FileSystem:
         database in batches (rm -rf would otherwise wait for one transaction per file).
         The kernel only asks after its own lookup found a file there. Until the batch
         lands, lookups here answer that the name is gone, and every other change of the
-        namespace, readdir and fsync apply the queue first; like every namespace change,
-        removals are durable at the next fsync or close. Directories (which must be
-        empty), and every removal while the database does not answer, go at once."""
+        namespace, readdir of the directory and fsync apply the queue first; like every
+        namespace change, removals are durable at the next fsync or close. A directory
+        (which must be empty), and every removal while the database does not answer, go
+        at the end of the next batch, and wait for it."""
         _check_name(name)
+        removal = QueuedRemoval(parent_ino, name, time.time_ns(), directory)
         if not directory and self._metadata_reachable:
             if len(self._unlinks) >= UNLINK_QUEUE_MAX:
                 await self._apply_unlinks()
-            now_ns = self._unlinks[(parent_ino, name)] = time.time_ns()
-            self._dir_changed(parent_ino, now_ns)
+            self._unlinks[(parent_ino, name)] = removal
+            self._dir_changed(parent_ino, removal.now_ns)
             self._unlinks_wanted.set()
             return
-        await self._apply_unlinks()
-        now_ns = time.time_ns()
-        removal = await self._meta(self.meta.unlink, parent_ino, name, now_ns,
-                                   directory=directory, open_inos=self._open_inos())
-        self._dir_changed(parent_ino, now_ns, nlink_delta=-1 if removal.attrs.is_dir else 0)
-        self._removed(removal)
+        removed = await self._apply_unlinks(then=removal)
+        self._dir_changed(parent_ino, removal.now_ns, nlink_delta=-1 if directory else 0)
+        self._removed(removed)
 
     async def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
                      new_name: bytes, flags: int) -> None:
@@ -414,19 +466,30 @@ class FileSystem:
                 await trio.sleep(UNLINK_RETRY_S)
                 self._unlinks_wanted.set()
 
-    async def _apply_unlinks(self) -> None:
-        """Write the queued removals to the database, in batches, and wait for them."""
+    async def _apply_unlinks(self, then: QueuedRemoval | None = None) -> Removal | None:
+        """Write the queued removals to the database, in batches, and wait for them. `then`
+        goes last, in the same call as the last of them; its outcome is returned (or raised)."""
         async with self._applying_unlinks:
-            while self._unlinks:
-                batch = dict(list(self._unlinks.items())[:UNLINK_BATCH])
+            while self._unlinks or then is not None:
+                batch = list(self._unlinks.values())[:UNLINK_BATCH]
+                last = None
+                if then is not None and len(batch) < UNLINK_BATCH:
+                    last, then = then, None
+                    batch.append(last)
                 results = await self._meta(self.meta.unlink_each, batch, self._open_inos())
-                for (parent_ino, name), result in zip(batch, results, strict=True):
-                    del self._unlinks[(parent_ino, name)]
+                for removal, result in zip(batch, results, strict=True):
+                    if removal is last:
+                        if isinstance(result, DfsfsError):
+                            raise result
+                        return result
+                    del self._unlinks[(removal.parent_ino, removal.name)]
                     if isinstance(result, DfsfsError):
                         # Gone meanwhile, or replaced: the kernel saw a file there.
-                        log.info("queued removal of %r in directory %d: %s", name, parent_ino, result)
+                        log.info("queued removal of %r in directory %d: %s",
+                                 removal.name, removal.parent_ino, result)
                         continue
                     self._removed(result)
+            return None
 
     def _open_inos(self) -> frozenset[int]:
         return frozenset(ino for ino, state in self._states.items() if state.open_handles)

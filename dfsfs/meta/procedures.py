@@ -125,12 +125,13 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION dfsfs_unlink_each(
-    p_user bigint, p_parents bigint[], p_names bytea[], p_times bigint[], p_open bigint[])
+    p_user bigint, p_parents bigint[], p_names bytea[], p_times bigint[],
+    p_directories boolean[], p_open bigint[])
 RETURNS TABLE (item integer, refusal text, node inodes, purged boolean, chunk_ids bigint[],
                digests bytea[])
 LANGUAGE plpgsql AS $$
--- Remove many names of non-directories in one call. A refused one (gone already, or a
--- directory now) is reported by its SQLSTATE and the others are still removed.
+-- Remove many names in one call, in order (p_directories: rmdir). A refused one (gone
+-- already, not empty, ...) is reported by its SQLSTATE and the others are still removed.
 DECLARE
     removed record;
 BEGIN
@@ -138,7 +139,8 @@ BEGIN
         item := i;
         BEGIN
             SELECT * INTO removed
-              FROM dfsfs_unlink(p_user, p_parents[i], p_names[i], p_times[i], false, p_open);
+              FROM dfsfs_unlink(p_user, p_parents[i], p_names[i], p_times[i], p_directories[i],
+                                p_open);
             refusal := NULL;
             node := removed.node;
             purged := removed.purged;

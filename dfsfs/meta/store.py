@@ -101,6 +101,16 @@ class ReclaimableChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class QueuedRemoval:
+    """A name to remove (see unlink_each)."""
+
+    parent_ino: int
+    name: bytes
+    now_ns: int
+    directory: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Removal:
     """What removing a name did to its inode."""
 
@@ -396,17 +406,17 @@ class MetadataStore:
         )
         return _removal(row)
 
-    def unlink_each(self, names: dict[tuple[int, bytes], int],
+    def unlink_each(self, removals: list[QueuedRemoval],
                     open_inos: Container[int] = ()) -> list[Removal | DfsfsError]:
-        """Remove many names of non-directories ((parent, name) -> time of the removal),
-        each as `unlink` would, in order, in one call; a name that cannot be removed gets
-        its error in its place and the rest go on."""
+        """Remove many names, each as `unlink` would, in order, in one call; a name that
+        cannot be removed gets its error in its place and the rest go on."""
         rows = self._call(
             f"SELECT r.refusal, {REMOVAL_COLUMNS} FROM dfsfs_unlink_each(:uid,"
             " CAST(:parents AS bigint[]), CAST(:names AS bytea[]), CAST(:times AS bigint[]),"
-            " CAST(:open AS bigint[])) AS r ORDER BY r.item",
-            parents=[parent for parent, _ in names], names=[name for _, name in names],
-            times=list(names.values()), open=list(open_inos),
+            " CAST(:directories AS boolean[]), CAST(:open AS bigint[])) AS r ORDER BY r.item",
+            parents=[r.parent_ino for r in removals], names=[r.name for r in removals],
+            times=[r.now_ns for r in removals], directories=[r.directory for r in removals],
+            open=list(open_inos),
         )
         return [_removal(row[1:]) if row[0] is None else _REFUSALS[row[0]](f"cannot remove: {row[0]}")
                 for row in rows]
