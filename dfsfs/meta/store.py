@@ -399,12 +399,10 @@ class MetadataStore:
         An inode whose nlink drops to 0 is purged in the same transaction unless it is in
         `open_inos`: then it stays, readable through its open handles, until `purge`.
         """
-        row, = self._call(
-            f"SELECT {REMOVAL_COLUMNS} FROM dfsfs_unlink(:uid, :parent, :name, :now, :directory,"
-            " CAST(:open AS bigint[])) AS r",
-            parent=parent_ino, name=name, now=now_ns, directory=directory, open=list(open_inos),
-        )
-        return _removal(row)
+        result, = self.unlink_each([QueuedRemoval(parent_ino, name, now_ns, directory)], open_inos)
+        if isinstance(result, DfsfsError):
+            raise result
+        return result
 
     def unlink_each(self, removals: list[QueuedRemoval],
                     open_inos: Container[int] = ()) -> list[Removal | DfsfsError]:
