@@ -7,7 +7,8 @@ They run as the caller (SECURITY INVOKER), so row-level security scopes them lik
 statement, and every statement names the user as well.
 
 A refused operation raises SQLSTATE 'DF' followed by the errno as three digits
-(DF002 = ENOENT, DF017 = EEXIST, ...); the metadata store turns it into its error.
+(DF002 = ENOENT, DF017 = EEXIST, ...), or, for removals, returns that code; the metadata
+store turns it into its error.
 """
 
 S_IFMT = 0o170000
@@ -91,28 +92,36 @@ END $$;
 CREATE OR REPLACE FUNCTION dfsfs_unlink(
     p_user bigint, p_parent bigint, p_name bytea, p_now bigint, p_directory boolean,
     p_open bigint[],
-    OUT node inodes, OUT purged boolean, OUT chunk_ids bigint[], OUT digests bytea[])
+    OUT refusal text, OUT node inodes, OUT purged boolean, OUT chunk_ids bigint[],
+    OUT digests bytea[])
 LANGUAGE plpgsql AS $$
+-- Remove a name (rmdir when p_directory). A refusal is returned, not raised, before
+-- anything changed: a batch goes on without a subtransaction per name.
 DECLARE
     target inodes;
     is_dir boolean;
     removed record;
 BEGIN
+    purged := false;
+    chunk_ids := '{{}}';
+    digests := '{{}}';
     SELECT i.* INTO target FROM dentries d JOIN inodes i ON i.id = d.ino
      WHERE d.parent_ino = p_parent AND d.name = p_name AND d.user_id = p_user;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'no such entry' USING ERRCODE = 'DF002';
+        refusal := 'DF002';
+        RETURN;
     END IF;
     is_dir := target.mode & {S_IFMT} = {S_IFDIR};
     IF p_directory AND NOT is_dir THEN
-        RAISE EXCEPTION 'not a directory' USING ERRCODE = 'DF020';
-    END IF;
-    IF is_dir AND NOT p_directory THEN
-        RAISE EXCEPTION 'is a directory' USING ERRCODE = 'DF021';
-    END IF;
-    IF is_dir AND EXISTS (
+        refusal := 'DF020';
+    ELSIF is_dir AND NOT p_directory THEN
+        refusal := 'DF021';
+    ELSIF is_dir AND EXISTS (
             SELECT 1 FROM dentries WHERE parent_ino = target.id AND user_id = p_user) THEN
-        RAISE EXCEPTION 'directory not empty' USING ERRCODE = 'DF039';
+        refusal := 'DF039';
+    END IF;
+    IF refusal IS NOT NULL THEN
+        RETURN;
     END IF;
     DELETE FROM dentries WHERE parent_ino = p_parent AND name = p_name AND user_id = p_user;
     UPDATE inodes SET mtime_ns = p_now, ctime_ns = p_now, nlink = nlink - is_dir::integer
@@ -130,32 +139,20 @@ CREATE OR REPLACE FUNCTION dfsfs_unlink_each(
 RETURNS TABLE (item integer, refusal text, node inodes, purged boolean, chunk_ids bigint[],
                digests bytea[])
 LANGUAGE plpgsql AS $$
--- Remove many names in one call, in order (p_directories: rmdir). A refused one (gone
--- already, not empty, ...) is reported by its SQLSTATE and the others are still removed.
+-- Remove many names in one call, in order; a refused one (gone already, not empty, ...)
+-- is reported by its code and the others are still removed.
 DECLARE
     removed record;
 BEGIN
     FOR i IN 1 .. coalesce(array_length(p_names, 1), 0) LOOP
+        SELECT * INTO removed FROM dfsfs_unlink(p_user, p_parents[i], p_names[i], p_times[i],
+                                                p_directories[i], p_open);
         item := i;
-        BEGIN
-            SELECT * INTO removed
-              FROM dfsfs_unlink(p_user, p_parents[i], p_names[i], p_times[i], p_directories[i],
-                                p_open);
-            refusal := NULL;
-            node := removed.node;
-            purged := removed.purged;
-            chunk_ids := removed.chunk_ids;
-            digests := removed.digests;
-        EXCEPTION WHEN OTHERS THEN
-            IF SQLSTATE NOT LIKE 'DF%' THEN
-                RAISE;
-            END IF;
-            refusal := SQLSTATE;
-            node := NULL;
-            purged := false;
-            chunk_ids := '{{}}';
-            digests := '{{}}';
-        END;
+        refusal := removed.refusal;
+        node := removed.node;
+        purged := removed.purged;
+        chunk_ids := removed.chunk_ids;
+        digests := removed.digests;
         RETURN NEXT;
     END LOOP;
 END $$;

@@ -8,6 +8,7 @@ worker threads.
 """
 
 import functools
+import os
 import re
 import stat as stat_module
 from collections.abc import Callable, Container, Iterable, Mapping
@@ -166,6 +167,11 @@ def _attrs(row) -> Attrs:
 
 def _reclaimable(chunk_ids: list[int], digests: list) -> list[ReclaimableChunk]:
     return [ReclaimableChunk(chunk_id, bytes(digest)) for chunk_id, digest in zip(chunk_ids, digests)]
+
+
+def _refusal(code: str) -> DfsfsError:
+    error = _REFUSALS[code]
+    return error(os.strerror(error.errno))
 
 
 def _removal(row) -> Removal:
@@ -416,8 +422,7 @@ class MetadataStore:
             times=[r.now_ns for r in removals], directories=[r.directory for r in removals],
             open=list(open_inos),
         )
-        return [_removal(row[1:]) if row[0] is None else _REFUSALS[row[0]](f"cannot remove: {row[0]}")
-                for row in rows]
+        return [_removal(row[1:]) if row[0] is None else _refusal(row[0]) for row in rows]
 
     def _remove_link(self, conn: Statements, target: Attrs, now_ns: int,
                      open_inos: Container[int]) -> Removal:
