@@ -54,6 +54,7 @@ MAP_AT_OPEN_CHUNKS = 64  # files up to this many chunks get their chunk map with
 CAPABILITY_XATTR = b"security.capability"  # asked for by the kernel before writes
 RECLAIM_GATHER_S = 0.2  # freed chunks are gathered this long into one reclaim
 RECLAIM_BATCH = 512  # chunks per reclaim transaction
+RECLAIM_BATCHES_WAITING = 32  # reclaim at once when this many batches have gathered
 UNLINK_BATCH = 256  # queued removals per metadata call
 UNLINK_QUEUE_MAX = 4096  # an unlink waits for the queue to drain beyond this
 UNLINK_RETRY_S = 1.0  # after a failed batch (the database away)
@@ -889,9 +890,15 @@ class FileSystem:
             self._reclaim_wanted.set()
 
     async def _reclaimer(self) -> None:
+        """Delete freed chunks once removals pause (or many have gathered): while rm -rf
+        runs, its own work comes first on a small machine, and one durable flush serves a
+        whole batch."""
         while True:
             await self._reclaim_wanted.wait()
-            await trio.sleep(RECLAIM_GATHER_S)  # one durable flush serves a whole batch
+            gathered = -1
+            while gathered < len(self._reclaimable) < RECLAIM_BATCH * RECLAIM_BATCHES_WAITING:
+                gathered = len(self._reclaimable)
+                await trio.sleep(RECLAIM_GATHER_S)
             await self._reclaim_pending()
 
     async def _reclaim_pending(self) -> None:
