@@ -285,11 +285,7 @@ class FileSystem:
         _check_name(name)
         if (parent_ino, name) in self._unlinks:
             raise NotFoundError("no such entry")
-        attrs = await self._meta(self.meta.lookup, parent_ino, name)
-        if self._may_lag(attrs):
-            await self._apply_unlinks()
-            attrs = await self._meta(self.meta.lookup, parent_ino, name)
-        return self._overlay(attrs)
+        return self._overlay(await self._settled_attrs(self.meta.lookup, parent_ino, name))
 
     async def getattr(self, ino: int) -> Attrs:
         state = self._states.get(ino)
@@ -300,11 +296,16 @@ class FileSystem:
         recent = self._recent_attrs.get(ino)
         if recent is not None and recent[0] > time.monotonic() and not self._may_lag(recent[1]):
             return recent[1]
-        attrs = await self._meta(self.meta.get_attrs, ino)
+        return self._overlay(await self._settled_attrs(self.meta.get_attrs, ino))
+
+    async def _settled_attrs(self, query, *args) -> Attrs:
+        """Attributes from the database; asked again after the queued removals when those
+        may change them."""
+        attrs = await self._meta(query, *args)
         if self._may_lag(attrs):
             await self._apply_unlinks()
-            attrs = await self._meta(self.meta.get_attrs, ino)
-        return self._overlay(attrs)
+            attrs = await self._meta(query, *args)
+        return attrs
 
     def _may_lag(self, attrs: Attrs) -> bool:
         """Whether queued removals may change these attributes: another of its names may

@@ -109,11 +109,17 @@ class Statements:
         self.executed = 0
 
     def execute(self, sql: str, params: dict):
+        """The cursor with the statement's result; errors as SQLAlchemy's DBAPIError, which
+        says whether the connection is gone."""
         cursor = self.dbapi_connection.cursor()
         if not self.executed:
             sql = self._prefix + sql
             self.begun = self._transaction  # before executing: a failed BEGIN+statement needs the rollback too
-        cursor.execute(sql, params)
+        try:
+            cursor.execute(sql, params)
+        except psycopg2.Error as error:
+            raise DBAPIError.instance(sql, params, error, psycopg2.Error,
+                                      connection_invalidated=_is_disconnect(error)) from error
         self.executed += 1
         return cursor
 
@@ -130,7 +136,7 @@ def run_statements(engine: Engine, work: Callable[[Statements], T], *,
         try:
             result = work(statements)
             if statements.begun:
-                _send(statements, "COMMIT")
+                statements.execute("COMMIT", {})
             return result
         except BaseException as error:
             if statements.begun and not dbapi_connection.closed:
@@ -157,14 +163,6 @@ def _checkout(engine: Engine):
         raise DBAPIError.instance("connect", {}, error, psycopg2.Error) from error
 
 
-def _send(statements: Statements, command: str) -> None:
-    try:
-        statements.dbapi_connection.cursor().execute(command)
-    except psycopg2.Error as error:
-        raise DBAPIError.instance(command, {}, error, psycopg2.Error,
-                                  connection_invalidated=is_disconnect(error)) from error
-
-
 def _roll_back(statements: Statements) -> None:
     try:
         statements.dbapi_connection.cursor().execute("ROLLBACK")
@@ -172,7 +170,7 @@ def _roll_back(statements: Statements) -> None:
         pass  # the connection is gone, and the transaction with it
 
 
-def is_disconnect(error: psycopg2.Error) -> bool:
+def _is_disconnect(error: psycopg2.Error) -> bool:
     """The connection is gone (no SQLSTATE): the server died or restarted, or the network broke."""
     return error.pgcode is None and isinstance(
         error, (psycopg2.OperationalError, psycopg2.InterfaceError))

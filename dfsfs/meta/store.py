@@ -14,7 +14,6 @@ import stat as stat_module
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 
-import psycopg2
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -29,7 +28,7 @@ from dfsfs.errors import (
     NotFoundError,
     QuotaExceededError,
 )
-from dfsfs.meta.db import Statements, is_disconnect, run_statements
+from dfsfs.meta.db import Statements, run_statements, sqlstate
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -38,9 +37,9 @@ XATTR_REPLACE = 2
 
 INODE_COLUMNS = "i.id, i.mode, i.uid, i.gid, i.size, i.nlink, i.atime_ns, i.mtime_ns, i.ctime_ns, i.rdev"
 NODE_COLUMNS = INODE_COLUMNS.replace("i.", "node.")
+COMMITTED_ATTRIBUTES = frozenset({"mtime_ns", "ctime_ns", "atime_ns", "mode", "uid", "gid"})
 # What the server-side removal functions return: the inode after, whether it was purged,
 # and the chunks left without references.
-COMMITTED_ATTRIBUTES = frozenset({"mtime_ns", "ctime_ns", "atime_ns", "mode", "uid", "gid"})
 REMOVAL_COLUMNS = INODE_COLUMNS.replace("i.", "(r.node).") + ", r.purged, r.chunk_ids, r.digests"
 
 # SQLSTATEs of the server-side functions' refusals (see procedures.py).
@@ -179,11 +178,6 @@ def _removal(row) -> Removal:
     return Removal(_attrs(row), row[10], _reclaimable(row[11], row[12]))
 
 
-def _increments(deltas: dict[str, int]) -> str:
-    """SET clause adding each `:column` parameter to its column."""
-    return ", ".join(f"{column} = {column} + :{column}" for column in deltas)
-
-
 class MetadataStore:
     """The metadata of one user's namespace. `ino` values are inode ids of that user."""
 
@@ -238,12 +232,11 @@ class MetadataStore:
         params["uid"] = self.user_id
         try:
             return _Result(conn.execute(_pyformat(sql), params))
-        except psycopg2.Error as error:
-            refusal = _REFUSALS.get(error.pgcode or "")
-            if refusal is not None:
-                raise refusal(error.diag.message_primary) from None
-            raise DBAPIError.instance(sql, params, error, psycopg2.Error,
-                                      connection_invalidated=is_disconnect(error)) from error
+        except DBAPIError as error:
+            refusal = _REFUSALS.get(sqlstate(error) or "")
+            if refusal is None:
+                raise
+            raise refusal(error.orig.diag.message_primary) from None
 
     def _root_ino(self, conn: Statements) -> int:
         root = self._exec(conn, "SELECT root_ino FROM users WHERE id = :uid").scalar()
@@ -565,24 +558,22 @@ class MetadataStore:
         if inserted is None:
             raise ExistsError("file exists")  # the transaction rolls back what it did so far
 
-    def _touch_dir(self, conn: Statements, ino: int, now_ns: int, nlink_delta: int = 0,
-                   counts: dict[str, int] | None = None) -> None:
-        """Update a directory's times and link count, and usage counters, in one statement."""
-        counts = {column: delta for column, delta in (counts or {}).items() if delta}
-        touch = (
+    def _touch_dir(self, conn: Statements, ino: int, now_ns: int, nlink_delta: int = 0) -> None:
+        """Update a directory's times and link count."""
+        self._exec(
+            conn,
             "UPDATE inodes SET mtime_ns = :now, ctime_ns = :now, nlink = nlink + :delta"
-            " WHERE id = :ino AND user_id = :uid"
+            " WHERE id = :ino AND user_id = :uid",
+            ino=ino, now=now_ns, delta=nlink_delta,
         )
-        if counts:
-            touch = (f"WITH touched AS ({touch} RETURNING 1)"
-                     f" UPDATE usage SET {_increments(counts)} WHERE user_id = :uid")
-        self._exec(conn, touch, ino=ino, now=now_ns, delta=nlink_delta, **counts)
 
     def _count(self, conn: Statements, **deltas: int) -> None:
+        """Add each delta to its usage counter."""
         deltas = {column: delta for column, delta in deltas.items() if delta}
         if not deltas:
             return
-        self._exec(conn, f"UPDATE usage SET {_increments(deltas)} WHERE user_id = :uid", **deltas)
+        increments = ", ".join(f"{column} = {column} + :{column}" for column in deltas)
+        self._exec(conn, f"UPDATE usage SET {increments} WHERE user_id = :uid", **deltas)
 
     def _touch_inode(self, conn: Statements, ino: int, now_ns: int) -> None:
         """Its status changed (name, xattrs): a new ctime."""
