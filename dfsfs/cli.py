@@ -4,6 +4,7 @@ are added by their own modules (see the end of this file).
 Exit codes: 0 ok, 1 error (`dfsfs: error: …` on stderr), 2 usage.
 """
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -19,7 +20,9 @@ from sqlalchemy.exc import DBAPIError
 
 from dfsfs.auth import hash_password, validate_user_name
 from dfsfs.config import (
+    DEFAULT_CHUNK_SIZE,
     Settings,
+    check_write_buffer_fits,
     database_url_for,
     file_url_path,
     format_size,
@@ -30,6 +33,7 @@ from dfsfs.config import (
 from dfsfs.errors import ConfigError, DfsfsError, ExistsError, StorageError
 from dfsfs.meta.accounts import KEEP, AccountStore
 from dfsfs.meta.db import create_engine
+from dfsfs.meta.layout import record_chunk_size, recorded_chunk_size
 from dfsfs.meta.migrations import LATEST_VERSION, migrate
 
 log = logging.getLogger(__name__)
@@ -109,6 +113,19 @@ def open_accounts(settings: Settings) -> AccountStore:
     return AccountStore(open_engine(settings, admin=True))
 
 
+def with_recorded_layout(settings: Settings, engine: Engine) -> Settings:
+    """The settings with the database's recorded chunk size (which every mount must use)."""
+    recorded = recorded_chunk_size(engine)
+    if recorded is None:
+        raise CommandError("the database records no chunk size yet: run `dfsfs init`")
+    if settings.chunk_size not in (None, recorded):
+        click.echo(f"dfsfs: note: this database stores files in {format_size(recorded)} chunks; "
+                   f"the configured chunk size ({format_size(settings.chunk_size)}) applies to "
+                   "new databases only", err=True)
+    check_write_buffer_fits(settings, recorded)
+    return dataclasses.replace(settings, chunk_size=recorded)
+
+
 def read_password(password_file: str | Path | None, confirm: bool) -> str:
     """A password from a file ('-' = stdin; one trailing newline dropped), else from
     DFSFS_PASSWORD, else prompted without echo (twice when `confirm`)."""
@@ -179,7 +196,12 @@ def main(ctx: click.Context, verbose: int, **overrides) -> None:
 @pass_settings
 def init(settings: Settings) -> None:
     """Create or upgrade the metadata schema and the local chunk directories."""
-    applied = migrate(open_engine(settings))
+    engine = open_engine(settings)
+    applied = migrate(engine)
+    recorded = record_chunk_size(engine, settings.chunk_size or DEFAULT_CHUNK_SIZE)
+    if settings.chunk_size not in (None, recorded):
+        click.echo(f"dfsfs: note: this database stores files in {format_size(recorded)} chunks "
+                   "already; the configured chunk size is not used", err=True)
     for url in (settings.store_url, settings.backup_url):
         path = file_url_path(url)
         if path is not None:

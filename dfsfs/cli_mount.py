@@ -15,7 +15,13 @@ from pathlib import Path
 import click
 
 from dfsfs.auth import login
-from dfsfs.cli import CommandError, get_settings, open_accounts, read_password
+from dfsfs.cli import (
+    CommandError,
+    get_settings,
+    open_accounts,
+    read_password,
+    with_recorded_layout,
+)
 from dfsfs.config import Settings, database_url_for
 
 log = logging.getLogger(__name__)
@@ -139,6 +145,7 @@ def mount(ctx, mountpoint, user_name, foreground, options, password_file):
     name = user_name or getpass.getuser()
     accounts = open_accounts(settings)
     account = login(accounts, name, read_password(password_file, confirm=False))
+    settings = with_recorded_layout(settings, accounts.engine)
     accounts.engine.dispose()
     request = MountRequest(database_url_for(settings), settings, account.id, mountpoint, fuse_options)
     if foreground:

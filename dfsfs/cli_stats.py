@@ -9,6 +9,7 @@ import click
 from dfsfs.auth import login
 from dfsfs.cli import open_accounts, open_engine, pass_settings, password_file_option, read_password
 from dfsfs.config import Settings, format_size
+from dfsfs.meta.layout import recorded_chunk_size
 from dfsfs.stats import DEFAULT_TOP_N, all_stats, user_stats
 
 
@@ -45,14 +46,19 @@ def command(settings: Settings, user_name: str | None, all_users: bool, as_json:
     if all_users and user_name:
         raise click.UsageError("give --user or --all, not both")
     if all_users:
-        stats = all_stats(open_engine(settings), settings.chunk_size, top_n)
+        engine = open_engine(settings)
+        stats = all_stats(engine, recorded_chunk_size(engine), top_n)
         click.echo(json.dumps(stats, indent=2) if as_json else _accounts_table(stats))
         return
     user = login(open_accounts(settings), user_name or getpass.getuser(),
                  read_password(password_file, confirm=False))
     engine = open_engine(settings, admin=False, user_id=user.id)
-    stats = user_stats(engine, user.id, settings.chunk_size, top_n)
+    stats = user_stats(engine, user.id, recorded_chunk_size(engine), top_n)
     click.echo(json.dumps(stats, indent=2) if as_json else _account_report(stats))
+
+
+def _chunk_size(size: int | None) -> str:
+    return "not recorded: run `dfsfs init`" if size is None else format_size(size)
 
 
 def _account_report(stats: dict) -> str:
@@ -65,7 +71,7 @@ def _account_report(stats: dict) -> str:
         ("logical size", _size(stats["logical_bytes"])),
         ("stored size", _size(stats["stored_bytes"])),
         ("dedup ratio", _ratio(stats["dedup_ratio"])),
-        ("chunks", f"{stats['chunk_count']} (chunk size {format_size(stats['chunk_size'])})"),
+        ("chunks", f"{stats['chunk_count']} (chunk size {_chunk_size(stats['chunk_size'])})"),
         ("byte quota", _quota(stats["quota_bytes"], stats["quota_bytes_used_pct"], format_size)),
         ("inode quota", _quota(stats["quota_inodes"], stats["quota_inodes_used_pct"], str)),
         ("backup", f"{backup['chunks_backed_up']} chunks backed up, "

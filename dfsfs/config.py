@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
+DEFAULT_CHUNK_SIZE = 1 * MiB
 MIN_CHUNK_SIZE = 4 * KiB
 MAX_CHUNK_SIZE = 64 * MiB
 BACKUP_MODES = ("sync", "async")
@@ -55,7 +56,8 @@ class Settings:
     store_url: str  # primary chunk store (file:// or s3://)
     backup_url: str  # backup chunk store
     backup_mode: str = "sync"  # 'sync': backup written before a chunk is referenced
-    chunk_size: int = 1 * MiB
+    # Chunk size of a new database (`dfsfs init`); an existing one uses its recorded size.
+    chunk_size: int | None = None
     write_buffer_bytes: int = 64 * MiB  # global budget of buffered writes; bounds the daemon's memory
     read_cache_bytes: int = 128 * MiB
     readahead_chunks: int = 4
@@ -337,10 +339,15 @@ def _check_consistent(settings: Settings) -> None:
             f"the backup store must differ from the primary store "
             f"(both are {redact_url(settings.store_url)})"
         )
-    if settings.write_buffer_bytes < settings.chunk_size:
+    if settings.chunk_size is not None:
+        check_write_buffer_fits(settings, settings.chunk_size)
+
+
+def check_write_buffer_fits(settings: Settings, chunk_size: int) -> None:
+    if settings.write_buffer_bytes < chunk_size:
         raise ConfigError(
             f"the write buffer ({format_size(settings.write_buffer_bytes)}) must hold at least "
-            f"one chunk ({format_size(settings.chunk_size)})"
+            f"one chunk ({format_size(chunk_size)})"
         )
 
 

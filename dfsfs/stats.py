@@ -66,7 +66,7 @@ LIMIT :top_n
 
 
 def user_stats(engine: Engine, user_id: int, chunk_size: int, top_n: int = DEFAULT_TOP_N) -> dict:
-    """The usage of one account; `chunk_size` is the configured one (it is not stored)."""
+    """The usage of one account; `chunk_size` is the database's recorded one."""
     return run_transaction(engine, lambda conn: _user_stats(conn, user_id, chunk_size, top_n))
 
 

@@ -82,6 +82,7 @@ class Deployment:
         env.update(extra_env or {})
         self.env = env
         self.users: set[str] = set()
+        self.run("init")  # records the chunk size of a new database (the first one given)
 
     def run(self, *args, env=None, check=True, input=None, timeout=MOUNT_TIMEOUT_S):
         return run_cli(args, env or self.env, check=check, input=input, timeout=timeout)

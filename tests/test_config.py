@@ -46,7 +46,7 @@ def test_defaults(data_dir):
     assert settings.data_dir == data_dir
     assert settings.store_url == f"file://{data_dir}/chunks"
     assert settings.backup_url == f"file://{data_dir}/backup"
-    assert (settings.backup_mode, settings.chunk_size) == ("sync", MiB)
+    assert (settings.backup_mode, settings.chunk_size) == ("sync", None)  # None: as recorded
     assert settings.write_buffer_bytes == 64 * MiB
     assert settings.read_cache_bytes == 128 * MiB
     assert (settings.readahead_chunks, settings.attr_timeout_s) == (4, 1.0)
@@ -71,7 +71,7 @@ def test_flags_beat_environment_beat_file_beat_defaults(data_dir):
     assert load(data_dir).chunk_size == 64 * KiB
     assert load(data_dir).readahead_chunks == 9
     (data_dir / "config.toml").unlink()
-    assert load(data_dir).chunk_size == MiB
+    assert load(data_dir).chunk_size is None  # the database's recorded size
 
 
 def test_config_file_named_by_environment_or_flag(data_dir):
@@ -152,7 +152,7 @@ def test_bad_chunk_sizes(data_dir, value, message):
         ({"readahead_chunks": "-1"}, "readahead .* non-negative whole number"),
         ({"attr_timeout_s": "soon"}, "attribute timeout must be a number of seconds"),
         ({"log_level": "chatty"}, "log level must be one of DEBUG"),
-        ({"write_buffer_bytes": "16K"}, r"write buffer \(16 KiB\) must hold at least one chunk"),
+        ({"write_buffer_bytes": "16K", "chunk_size": "1M"}, r"write buffer \(16 KiB\) must hold at least one chunk"),
         ({"data_dir": "relative"}, "data directory must be an absolute path"),
         ({"no_such_setting": 1}, "unknown setting"),
     ],

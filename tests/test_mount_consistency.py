@@ -431,3 +431,21 @@ def test_mount_helper_for_fstab(deployment, mnt, tmp_path):
         helped.umount()
     finally:
         helped.cleanup()
+
+
+def test_a_mount_configured_with_another_chunk_size_reads_the_recorded_layout(deployment):
+    """The chunk size is the database's, not the mount's configuration: a second machine
+    configured with 4M reads what 64K chunks hold (it read zeros after the first MiB when
+    the size was not recorded)."""
+    content = data(5 * CHUNK + 17, seed=44)
+    with deployment.mount("layout") as first:
+        (first.path / "f").write_bytes(content)
+    other = mounting.Deployment(deployment.env["DFSFS_DATABASE_URL"], deployment.base,
+                                chunk_size="4M")
+    other.users = deployment.users
+    assert "stores files in 64 KiB chunks" in other.run("init").stderr
+    with other.mount("layout") as second:
+        assert (second.path / "f").read_bytes() == content
+        (second.path / "g").write_bytes(content)  # written in the recorded layout too
+    with deployment.mount("layout") as third:
+        assert (third.path / "g").read_bytes() == content

@@ -42,7 +42,7 @@ COMMITTED_ATTRIBUTES = frozenset({"mtime_ns", "ctime_ns", "atime_ns", "mode", "u
 # and the chunks left without references.
 REMOVAL_COLUMNS = INODE_COLUMNS.replace("i.", "(r.node).") + ", r.purged, r.chunk_ids, r.digests"
 
-# SQLSTATEs of the server-side functions' refusals (see procedures.py).
+# SQLSTATEs of the server-side functions' refusals (see the functions in meta/migrations).
 _REFUSALS = {
     f"DF{error.errno:03d}": error
     for error in (NotFoundError, ExistsError, NotDirectoryError, IsDirectoryError,

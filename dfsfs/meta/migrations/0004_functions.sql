@@ -1,21 +1,7 @@
-"""Server-side functions for the hottest metadata transactions.
+-- Migration 4 (released): server-side functions for the hottest transactions, and an
+-- index fit for them (with one on inodes.user_id, PL/pgSQL's generic plans for
+-- `id = $1 AND user_id = $2` scanned all of an account's inodes).
 
-Creating a file, removing a name and committing a file's chunks each take many
-statements; run from Python every statement is a round trip to PostgreSQL, which cost
-more than the statements themselves. As functions they are one round trip each.
-They run as the caller (SECURITY INVOKER), so row-level security scopes them like any
-statement, and every statement names the user as well.
-
-A refused operation raises SQLSTATE 'DF' followed by the errno as three digits
-(DF002 = ENOENT, DF017 = EEXIST, ...), or, for removals, returns that code; the metadata
-store turns it into its error.
-"""
-
-S_IFMT = 0o170000
-S_IFDIR = 0o040000
-S_IFLNK = 0o120000
-
-FUNCTIONS_SQL = f"""
 CREATE OR REPLACE FUNCTION dfsfs_release_chunks(
     p_user bigint, p_dropped bigint[], OUT chunk_ids bigint[], OUT digests bytea[])
 LANGUAGE plpgsql AS $$
@@ -26,8 +12,8 @@ DECLARE
     dropped record;
     released record;
 BEGIN
-    chunk_ids := '{{}}';
-    digests := '{{}}';
+    chunk_ids := '{}';
+    digests := '{}';
     FOR dropped IN
         SELECT id, count(*) AS n FROM unnest(p_dropped) AS id GROUP BY id ORDER BY id
     LOOP
@@ -49,7 +35,7 @@ DECLARE
 BEGIN
     WITH gone AS (
         DELETE FROM file_chunks WHERE ino = p_ino AND user_id = p_user RETURNING chunk_id)
-    SELECT coalesce(array_agg(chunk_id), '{{}}') INTO dropped FROM gone;
+    SELECT coalesce(array_agg(chunk_id), '{}') INTO dropped FROM gone;
     DELETE FROM inodes WHERE id = p_ino AND user_id = p_user;  -- xattrs go with it
     SELECT r.chunk_ids, r.digests INTO chunk_ids, digests
       FROM dfsfs_release_chunks(p_user, dropped) AS r;
@@ -65,21 +51,21 @@ DECLARE
     kind integer;
 BEGIN
     UPDATE inodes
-       SET nlink = CASE WHEN mode & {S_IFMT} = {S_IFDIR} THEN 0 ELSE nlink - 1 END,
+       SET nlink = CASE WHEN mode & 61440 = 16384 THEN 0 ELSE nlink - 1 END,
            ctime_ns = p_now
      WHERE id = p_ino AND user_id = p_user
     RETURNING * INTO node;
     purged := false;
-    chunk_ids := '{{}}';
-    digests := '{{}}';
+    chunk_ids := '{}';
+    digests := '{}';
     IF node.nlink > 0 THEN
         RETURN;
     END IF;
-    kind := node.mode & {S_IFMT};
+    kind := node.mode & 61440;
     UPDATE usage
-       SET files = files - (kind NOT IN ({S_IFDIR}, {S_IFLNK}))::integer,
-           directories = directories - (kind = {S_IFDIR})::integer,
-           symlinks = symlinks - (kind = {S_IFLNK})::integer,
+       SET files = files - (kind NOT IN (16384, 40960))::integer,
+           directories = directories - (kind = 16384)::integer,
+           symlinks = symlinks - (kind = 40960)::integer,
            logical_bytes = logical_bytes - node.size
      WHERE user_id = p_user;
     IF node.id = ANY(p_open) THEN
@@ -103,15 +89,15 @@ DECLARE
     removed record;
 BEGIN
     purged := false;
-    chunk_ids := '{{}}';
-    digests := '{{}}';
+    chunk_ids := '{}';
+    digests := '{}';
     SELECT i.* INTO target FROM dentries d JOIN inodes i ON i.id = d.ino
      WHERE d.parent_ino = p_parent AND d.name = p_name AND d.user_id = p_user;
     IF NOT FOUND THEN
         refusal := 'DF002';
         RETURN;
     END IF;
-    is_dir := target.mode & {S_IFMT} = {S_IFDIR};
+    is_dir := target.mode & 61440 = 16384;
     IF p_directory AND NOT is_dir THEN
         refusal := 'DF020';
     ELSIF is_dir AND NOT p_directory THEN
@@ -165,7 +151,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     parent_mode integer;
     over_quota boolean;
-    kind integer := p_mode & {S_IFMT};
+    kind integer := p_mode & 61440;
     node inodes;
 BEGIN
     SELECT p.mode, a.quota_inodes IS NOT NULL
@@ -176,7 +162,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'inode % does not exist', p_parent USING ERRCODE = 'DF002';
     END IF;
-    IF parent_mode & {S_IFMT} <> {S_IFDIR} THEN
+    IF parent_mode & 61440 <> 16384 THEN
         RAISE EXCEPTION 'not a directory' USING ERRCODE = 'DF020';
     END IF;
     IF over_quota THEN
@@ -185,7 +171,7 @@ BEGIN
     INSERT INTO inodes (user_id, mode, uid, gid, size, nlink, atime_ns, mtime_ns, ctime_ns,
                         rdev, target)
     VALUES (p_user, p_mode, p_uid, p_gid, coalesce(length(p_target), 0),
-            CASE WHEN kind = {S_IFDIR} THEN 2 ELSE 1 END, p_now, p_now, p_now, p_rdev, p_target)
+            CASE WHEN kind = 16384 THEN 2 ELSE 1 END, p_now, p_now, p_now, p_rdev, p_target)
     RETURNING * INTO node;
     INSERT INTO dentries (user_id, parent_ino, name, ino)
     VALUES (p_user, p_parent, p_name, node.id)
@@ -194,12 +180,12 @@ BEGIN
         RAISE EXCEPTION 'file exists' USING ERRCODE = 'DF017';  -- undoes the inode too
     END IF;
     UPDATE inodes
-       SET mtime_ns = p_now, ctime_ns = p_now, nlink = nlink + (kind = {S_IFDIR})::integer
+       SET mtime_ns = p_now, ctime_ns = p_now, nlink = nlink + (kind = 16384)::integer
      WHERE id = p_parent AND user_id = p_user;
     UPDATE usage
-       SET files = files + (kind NOT IN ({S_IFDIR}, {S_IFLNK}))::integer,
-           directories = directories + (kind = {S_IFDIR})::integer,
-           symlinks = symlinks + (kind = {S_IFLNK})::integer,
+       SET files = files + (kind NOT IN (16384, 40960))::integer,
+           directories = directories + (kind = 16384)::integer,
+           symlinks = symlinks + (kind = 40960)::integer,
            logical_bytes = logical_bytes + node.size
      WHERE user_id = p_user;
     RETURN node;
@@ -234,7 +220,7 @@ BEGIN
          WHERE ino = p_ino AND user_id = p_user
            AND (index = ANY(p_indices) OR index >= coalesce(p_drop_from, 4611686018427387904))
         RETURNING chunk_id)
-    SELECT coalesce(array_agg(chunk_id), '{{}}') INTO dropped FROM gone;
+    SELECT coalesce(array_agg(chunk_id), '{}') INTO dropped FROM gone;
     -- New references before releasing old ones: a chunk both dropped and re-used never
     -- reaches zero. Rows are locked in digest order, so mounts cannot deadlock.
     WITH uses AS (
@@ -257,7 +243,7 @@ BEGIN
                    + (SELECT coalesce(sum(size), 0) FROM referenced WHERE inserted)
          WHERE user_id = p_user
         RETURNING 1)
-    SELECT coalesce(array_agg(r.sha256) FILTER (WHERE r.refcount = u.n), '{{}}')
+    SELECT coalesce(array_agg(r.sha256) FILTER (WHERE r.refcount = u.n), '{}')
       INTO unreferenced
       FROM referenced r JOIN uses u ON u.d = r.sha256;
     SELECT r.chunk_ids, r.digests INTO chunk_ids, digests
@@ -272,4 +258,6 @@ BEGIN
          WHERE user_id = p_user;
     END IF;
 END $$;
-"""
+
+DROP INDEX IF EXISTS inodes_user;
+CREATE INDEX IF NOT EXISTS inodes_unlinked ON inodes (user_id) WHERE nlink = 0;
