@@ -1,6 +1,7 @@
 """`dfsfs fsck`: check, and with --repair fix, metadata and both chunk stores."""
 
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 
@@ -20,8 +21,11 @@ from dfsfs.meta.accounts import AccountStore
 @click.option("--user", "user_names", metavar="NAME", multiple=True,
               help="Check only this account (repeatable).")
 @click.option("--all", "all_users", is_flag=True, help="Check every account (the default).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON: clean, found and repaired per category, problems.")
 @pass_settings
-def command(settings: Settings, repair: bool, user_names: tuple[str, ...], all_users: bool) -> None:
+def command(settings: Settings, repair: bool, user_names: tuple[str, ...], all_users: bool,
+            as_json: bool) -> None:
     """Check the metadata and both chunk stores; with --repair, fix what can be fixed.
 
     \b
@@ -57,7 +61,10 @@ def command(settings: Settings, repair: bool, user_names: tuple[str, ...], all_u
             report = check(engine, stores, user_ids, repair, progress)
     finally:
         stores.close()
-    _echo_summary(report, repair)
+    if as_json:
+        click.echo(json.dumps(_report_json(report), indent=2))
+    else:
+        _echo_summary(report, repair)
     if not report.clean:
         click.get_current_context().exit(1)
 
@@ -91,6 +98,19 @@ def _progress_bar() -> Iterator[ProgressCallback | None]:
     finally:
         if bars:
             bars[0].render_finish()
+
+
+def _report_json(report: FsckReport) -> dict:
+    return {
+        "clean": report.clean,
+        "users_checked": report.users_checked,
+        "chunks_verified": report.chunks_verified,
+        "stale_temp_files_removed": report.stale_temp_files_removed,
+        "found": {category: report.found[category] for category in CATEGORIES if report.found[category]},
+        "repaired": {category: report.repaired[category] for category in CATEGORIES
+                     if report.repaired[category]},
+        "problems": report.problems,
+    }
 
 
 def _echo_summary(report: FsckReport, repair: bool) -> None:

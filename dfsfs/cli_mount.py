@@ -180,7 +180,7 @@ def _log_file(settings: Settings, user_id: int) -> Path:
 
 def _serve_in_background(settings: Settings, request) -> None:
     """Fork the daemon; return when it reports the mount live, or fail with its error."""
-    log_path = _log_file(settings, request.user_id)
+    log_path = _log_file(settings, request.account_id)
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,8 +1,9 @@
-"""The mount daemon: build the file system for one user, mount it, serve until unmounted.
+"""The mount daemon: build the file system for one account, mount it, serve until unmounted.
 
-Lifecycle (as pyfuse3's examples and S3QL's mount): pyfuse3.init mounts; trio runs the
-request loop beside the core's background tasks; SIGTERM/SIGINT/SIGHUP end the loop;
-every buffered write is committed; pyfuse3.close unmounts.
+Lifecycle (as pyfuse3's examples and S3QL's mount): open a session; pyfuse3.init mounts;
+trio runs the request loop beside the core's background work; recovery settles what
+ended sessions of the account left; SIGTERM/SIGINT/SIGHUP end the loop; on every way out
+the core commits everything and makes it durable; pyfuse3.close unmounts; the session ends.
 """
 
 import logging
@@ -14,10 +15,13 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
-from dfsfs.chunks.mirrored import DamageEvent, MirroredChunkStore
+from dfsfs import recovery
+from dfsfs.chunks.mirrored import MirroredChunkStore
 from dfsfs.chunks.url import open_store
 from dfsfs.config import Settings, file_url_path
-from dfsfs.core.filesystem import CoreSettings, FileSystem
+from dfsfs.core.filesystem import FileSystem
+from dfsfs.core.offload import supervised
+from dfsfs.core.settings import CoreSettings
 from dfsfs.errors import DfsfsError
 from dfsfs.fuse_ops import Operations
 from dfsfs.meta.backup_queue import DatabaseBackupQueue
@@ -35,40 +39,42 @@ BACKUP_DRAIN_BATCH = 256
 class MountRequest:
     database_url: str
     settings: Settings
-    user_id: int
+    account_id: int
     mountpoint: str
     fuse_options: tuple[str, ...] = ()
+    commit_interval_s: float = 1.0  # mount option commit=
+    sync_close: bool = False  # mount option sync
 
 
-def build_file_system(request: MountRequest) -> FileSystem:
+def core_settings(request: MountRequest) -> CoreSettings:
     settings = request.settings
-    engine = create_engine(request.database_url, user_id=request.user_id,
-                           pool_size=FUSE_WORKERS // 4, relaxed_commits=True)
-    meta = MetadataStore(engine, request.user_id)
-    store = MirroredChunkStore(
-        open_store(settings.store_url, "primary"),
-        open_store(settings.backup_url, "backup"),
-        on_damage=_damage_recorder(meta),
-        backup_queue=DatabaseBackupQueue(engine) if settings.backup_mode == "async" else None,
-    )
-    core = CoreSettings(
+    return CoreSettings(
         chunk_size=settings.chunk_size,
         write_buffer_bytes=settings.write_buffer_bytes,
         read_cache_bytes=settings.read_cache_bytes,
         readahead_chunks=settings.readahead_chunks,
         attr_cache_s=settings.attr_timeout_s,
+        commit_interval_s=request.commit_interval_s,
+        sync_close=request.sync_close,
         commit_batch_bytes=max(settings.chunk_size, min(32 << 20, settings.write_buffer_bytes // 4)),
     )
-    return FileSystem(meta, store, core, capacity_probe=_capacity_probe(settings.store_url))
 
 
-def _damage_recorder(meta: MetadataStore) -> Callable[[DamageEvent], None]:
-    def record(event: DamageEvent) -> None:
-        log.warning("chunk %s: %s copy %s%s", event.digest.hex(), event.store, event.kind,
-                    " (repaired)" if event.repaired else " (NOT repaired)")
-        meta.record_damage(event.digest, event.store, event.kind, event.repaired, event.detail)
-
-    return record
+def build_file_system(request: MountRequest) -> FileSystem:
+    settings = request.settings
+    core = core_settings(request)
+    engine = create_engine(request.database_url, user_id=request.account_id,
+                           pool_size=FUSE_WORKERS // 4, relaxed_commits=True)
+    session_id = recovery.open_own_session(engine, request.account_id, core.session_ttl_s)
+    meta = MetadataStore(engine, request.account_id, session_id)
+    store = MirroredChunkStore(
+        open_store(settings.store_url, "primary"),
+        open_store(settings.backup_url, "backup"),
+        backup_queue=DatabaseBackupQueue(engine) if settings.backup_mode == "async" else None,
+    )
+    fs = FileSystem(meta, store, core, capacity_probe=_capacity_probe(settings.store_url))
+    store.on_damage = fs.damage.report
+    return fs
 
 
 def _capacity_probe(store_url: str) -> Callable[[], tuple[int, int]] | None:
@@ -87,7 +93,7 @@ def _capacity_probe(store_url: str) -> Callable[[], tuple[int, int]] | None:
 def fuse_options(request: MountRequest) -> set[str]:
     options = set(pyfuse3.default_options)
     # A source that is no path (mount would make a relative one absolute).
-    options |= {f"fsname=dfsfs:user{request.user_id}", "subtype=dfsfs", "noatime"}
+    options |= {f"fsname=dfsfs:user{request.account_id}", "subtype=dfsfs", "noatime"}
     options |= set(request.fuse_options)
     return options
 
@@ -96,40 +102,68 @@ def serve(request: MountRequest, on_mounted: Callable[[], None] = lambda: None) 
     """Mount and serve until unmounted or signalled. Raises if mounting fails."""
     fs = build_file_system(request)
     operations = Operations(fs, request.settings.attr_timeout_s, request.settings.entry_timeout_s)
-    pyfuse3.init(operations, request.mountpoint, fuse_options(request))
-    log.info("mounted user %d at %s", request.user_id, request.mountpoint)
     clean = False
     try:
-        on_mounted()
-        trio.run(_serve_requests, fs)
-        clean = True
+        pyfuse3.init(operations, request.mountpoint, fuse_options(request))
+        log.info("mounted account %d at %s (session %d)", request.account_id,
+                 request.mountpoint, fs.meta.session_id)
+        try:
+            on_mounted()
+            trio.run(_serve_requests, fs)
+            clean = True
+        finally:
+            pyfuse3.close(unmount=True)
     finally:
-        pyfuse3.close(unmount=True)
+        _end_session(fs, clean)
         fs.store.close()
         fs.meta.engine.dispose()
         log.info("unmounted %s%s", request.mountpoint, "" if clean else " after an error")
 
 
+def _end_session(fs: FileSystem, clean: bool) -> None:
+    """A clean end lets the next mount know at once that nothing of this session is left;
+    after an error the session stays until it expires, and recovery settles it."""
+    if not clean:
+        return
+    try:
+        fs.meta.end_sessions([fs.meta.session_id], "unmounted")
+    except DfsfsError as error:
+        log.warning("could not end session %d (it expires on its own): %s",
+                    fs.meta.session_id, error)
+
+
 async def _serve_requests(fs: FileSystem) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(fs.run)
-        nursery.start_soon(_terminate_on_signals)
-        if fs.store.backup_queue is not None:
-            nursery.start_soon(_drain_backups, fs.store)
-        await pyfuse3.main(min_tasks=4, max_tasks=FUSE_WORKERS)
-        await fs.flush_all()
-        nursery.cancel_scope.cancel()
+    async with fs.running():
+        await fs.recover(await trio.to_thread.run_sync(recovery.sessions_ended_here, fs.meta))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_terminate_on_signals)
+            nursery.start_soon(supervised, "session renewal", _renew_session(fs))
+            if fs.store.backup_queue is not None:
+                nursery.start_soon(supervised, "backup copies", _drain_backups(fs.store))
+            await pyfuse3.main(min_tasks=4, max_tasks=FUSE_WORKERS)
+            nursery.cancel_scope.cancel()
 
 
-async def _drain_backups(store: MirroredChunkStore) -> None:
+def _renew_session(fs: FileSystem):
+    async def step() -> None:
+        await trio.sleep(fs.settings.session_renew_s)
+        await fs.offload.meta(fs.meta.renew_session, fs.settings.session_ttl_s)
+
+    return step
+
+
+def _drain_backups(store: MirroredChunkStore):
     """Asynchronous backup mode: copy queued chunks to the backup in the background."""
-    while True:
+
+    async def step() -> None:
         try:
             while await trio.to_thread.run_sync(store.drain_backup_queue, BACKUP_DRAIN_BATCH):
                 pass
         except DfsfsError as error:
             log.warning("backup copies are behind (retrying): %s", error)
         await trio.sleep(BACKUP_DRAIN_INTERVAL_S)
+
+    return step
 
 
 async def _terminate_on_signals() -> None:

@@ -69,6 +69,18 @@ class CrossDeviceError(DfsfsError):
     errno = errno.EXDEV
 
 
+class FileTooLargeError(DfsfsError):
+    """An offset or size past the largest file dfsfs keeps."""
+
+    errno = errno.EFBIG
+
+
+class StaleError(DfsfsError):
+    """The inode is gone (removed through another mount): the kernel looks the name up again."""
+
+    errno = errno.ESTALE
+
+
 class StorageError(DfsfsError):
     """A chunk store failed (I/O error, unreachable, no good copy of a chunk)."""
 
@@ -83,6 +95,17 @@ class InvalidKeyError(DfsfsError):
     """A chunk key that is not a user namespace and a SHA-256 digest."""
 
     errno = errno.EINVAL
+
+
+class MetadataError(DfsfsError):
+    """The metadata database refused a statement for a reason that is not a refusal of the
+    operation (a bug, a broken row, a resource limit); `sqlstate` says which."""
+
+    errno = errno.EIO
+
+    def __init__(self, message: str, sqlstate: str | None = None):
+        super().__init__(message)
+        self.sqlstate = sqlstate
 
 
 class MetadataUnavailableError(DfsfsError):

@@ -1,15 +1,21 @@
-"""fsck and gc: check users' metadata against itself and against both chunk stores, and
+"""fsck: check users' metadata against itself and against both chunk stores, and
 with `repair` put right what can be put right.
 
 A check of one user runs these steps in this order (each relies on those before it):
+0. sessions that are over (expired, or found dead on this machine) and what they left:
+   holds on inodes and chunks, chunks they put and never made durable, deletions they
+   did not finish. Repair settles them as the next mount would (dfsfs/recovery.py):
+   holds go, chunks the stores hold are settled, files naming chunks that did not
+   survive are cut back to before them (recorded as damage), deletions are finished.
 1. link counts: a non-directory's nlink equals the entries naming it; a directory's is
    2 plus its subdirectories.
-2. unlinked inodes (nlink 0) that were never purged: leftovers of a mount that crashed
-   with the file open. Repair purges them, so run it while none of the user's mounts is
-   live: a file a live mount still holds open after its unlink looks the same.
-3. chunk refcounts against the file_chunks rows pointing at each chunk.
-4. chunk rows no file references (a crash during reclaim): repair deletes the bytes,
-   then the row.
+2. unlinked inodes (nlink 0) that no session holds (a broken row: a session that is
+   over reports its own in step 0). Repair purges them. An unlinked file a live mount
+   still has open is held by that mount's session and is no problem.
+3. chunk refcounts against the file_chunks rows pointing at each chunk plus the holds
+   of sessions storing it.
+4. chunk rows no file references and no session holds (a crash during reclaim): repair
+   deletes the bytes, then the row.
 5. orphan chunk files, present in a store without a chunks row (a crash between the
    chunk write and the metadata commit): repair deletes them.
 6. both copies of every referenced chunk: present, with the right SHA-256. Repair
@@ -34,21 +40,27 @@ from itertools import islice
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from dfsfs import recovery
 from dfsfs.chunks.local import LocalChunkStore
 from dfsfs.chunks.mirrored import CheckResult, MirroredChunkStore
 from dfsfs.errors import NotFoundError
 from dfsfs.meta.db import run_transaction
+from dfsfs.meta.layout import recorded_chunk_size
 from dfsfs.meta.store import MetadataStore
 from dfsfs.stats import FILE_TYPE_MASK, display_path
+from dfsfs.types import ReclaimableChunk
 
 # A put takes far less than this; an older temporary file belongs to no running put.
 STALE_TEMP_FILE_AGE_S = 3600
+SESSION_TTL_S = 3600.0  # fsck's own session (its claims on chunks it deletes)
 BATCH_SIZE = 1000
 
 # Kinds of findings, in the order a summary lists them.
 CATEGORIES = {
+    "sessions_over": "sessions that ended without cleaning up",
+    "unsettled_chunks": "chunks a crashed mount never made durable",
     "wrong_nlink": "inodes with a wrong link count",
-    "unlinked_inodes": "unlinked inodes never purged",
+    "unlinked_inodes": "unlinked inodes no mount holds",
     "wrong_refcount": "chunks with a wrong reference count",
     "unreferenced_chunks": "chunk rows no file references",
     "orphan_chunks": "chunk files without metadata (orphans)",
@@ -109,16 +121,6 @@ def check(
         tracker.end_user()
     if repair:
         report.stale_temp_files_removed = _remove_stale_temp_files(stores)
-    return report
-
-
-def gc(engine: Engine, stores: MirroredChunkStore, user_ids: list[int] | None = None) -> FsckReport:
-    """Delete garbage only: chunk rows no file references and orphan chunk files."""
-    report = FsckReport()
-    for user_id, (name, _) in _users(engine, user_ids).items():
-        user_check = _UserCheck(engine, stores, user_id, name, True, report, _Progress(None, 0))
-        user_check.unreferenced_chunks()
-        user_check.orphan_chunks()
     return report
 
 
@@ -191,10 +193,36 @@ SELECT * FROM (
 ) counts WHERE nlink <> expected ORDER BY id
 """
 
+# Sessions of the account that are over (expired, ended, or found dead on this machine)
+# and still name something: holds, or chunks they were to settle or delete.
+_SESSIONS_OVER_SQL = """
+SELECT s.id, s.host, s.pid,
+    (SELECT count(*) FROM chunk_holds h WHERE h.session_id = s.id)
+      + (SELECT count(*) FROM inode_holds h WHERE h.session_id = s.id) AS holds,
+    (SELECT count(*) FROM chunks c WHERE c.unsettled_by = s.id AND NOT c.settled) AS unsettled
+FROM sessions s
+WHERE s.user_id = :uid
+  AND (s.ended_at IS NOT NULL OR s.expires_at <= now() OR s.id = ANY(CAST(:here AS bigint[])))
+  AND (EXISTS (SELECT 1 FROM chunk_holds h WHERE h.session_id = s.id)
+       OR EXISTS (SELECT 1 FROM inode_holds h WHERE h.session_id = s.id)
+       OR EXISTS (SELECT 1 FROM chunks c WHERE c.user_id = :uid
+                   AND ((c.unsettled_by = s.id AND NOT c.settled) OR c.deleting_by = s.id)))
+ORDER BY s.id
+"""
+
+# (An unlinked inode a session that is over still holds is that session's leftover.)
+_UNHELD_UNLINKED_SQL = """
+SELECT i.id FROM inodes i
+WHERE i.user_id = :uid AND i.nlink = 0
+  AND NOT EXISTS (SELECT 1 FROM inode_holds h WHERE h.ino = i.id)
+ORDER BY i.id
+"""
+
 _WRONG_REFCOUNTS_SQL = """
 SELECT * FROM (
     SELECT c.id, c.sha256, c.refcount,
-        (SELECT count(*) FROM file_chunks f WHERE f.chunk_id = c.id AND f.user_id = :uid) AS actual
+        (SELECT count(*) FROM file_chunks f WHERE f.chunk_id = c.id AND f.user_id = :uid)
+          + (SELECT coalesce(sum(h.uses), 0) FROM chunk_holds h WHERE h.chunk_id = c.id) AS actual
     FROM chunks c
     WHERE c.user_id = :uid
       AND (CAST(:ids AS bigint[]) IS NULL OR c.id = ANY(CAST(:ids AS bigint[])))
@@ -202,7 +230,7 @@ SELECT * FROM (
 """
 
 _REFERENCED_CHUNKS_SQL = """
-SELECT c.id, c.sha256, (NOT c.backed_up OR q.user_id IS NOT NULL) AS backup_pending
+SELECT c.id, c.sha256, (q.user_id IS NOT NULL) AS backup_pending
 FROM chunks c LEFT JOIN backup_queue q ON q.user_id = c.user_id AND q.sha256 = c.sha256
 WHERE c.user_id = :uid AND c.id > :after
   AND EXISTS (SELECT 1 FROM file_chunks f WHERE f.chunk_id = c.id AND f.user_id = :uid)
@@ -246,9 +274,17 @@ class _UserCheck:
         self.repair = repair
         self.report = report
         self.progress = progress
-        self.meta = MetadataStore(engine, user_id)
+        self.meta = MetadataStore(engine, user_id,
+                                  recovery.open_own_session(engine, user_id, SESSION_TTL_S))
 
     def run(self) -> None:
+        try:
+            self.sessions()
+            self._check()
+        finally:
+            self.meta.end_sessions([self.meta.session_id], "fsck done")
+
+    def _check(self) -> None:
         self.link_counts()
         self.unlinked_inodes()
         self.refcounts()
@@ -284,13 +320,37 @@ class _UserCheck:
             self._exec(conn, "UPDATE inodes SET nlink = :nlink WHERE id = :ino AND user_id = :uid",
                        ino=ino, nlink=row.expected)
 
+    def sessions(self) -> None:
+        """Step 0: sessions that are over, and what they left (see the module docstring)."""
+        ended_here = recovery.sessions_ended_here(self.meta)
+        rows = self._query(_SESSIONS_OVER_SQL, here=ended_here)
+        for session_id, host, pid, holds, unsettled in rows:
+            self.report.add("sessions_over",
+                            f"{self.who}: session {session_id} ({host}, pid {pid}) is over and left"
+                            f" {holds} hold(s) and {unsettled} unsettled chunk(s)",
+                            repaired=self.repair)
+        if self.repair:
+            done = recovery.recover(self.meta, self.stores, self._chunk_size(), ended_here)
+            for ino, old_size, new_size in done.cut_files:
+                self.report.add("unsettled_chunks",
+                                f"{self.who}: {self._describe_inode(ino)} named chunks that did"
+                                f" not survive a crash: cut from {old_size} to {new_size} bytes",
+                                repaired=True)
+
+    def _chunk_size(self) -> int:
+        chunk_size = recorded_chunk_size(self.engine)
+        if chunk_size is None:
+            raise NotFoundError("the database records no chunk size: run `dfsfs init`")
+        return chunk_size
+
     def unlinked_inodes(self) -> None:
-        for ino in self.meta.unlinked_inodes():
+        for (ino,) in self._query(_UNHELD_UNLINKED_SQL):
             if self.repair:
-                released = self.meta.purge(ino)
-                self.meta.reclaim([chunk.id for chunk in released], self._delete_bytes)
+                purged, freed = self.meta.release_inodes([ino])
+                recovery.reclaim(self.meta, self.stores, freed)
             self.report.add("unlinked_inodes",
-                            f"{self.who}: inode {ino} has no name but was not purged", repaired=self.repair)
+                            f"{self.who}: inode {ino} has no name and no mount holds it",
+                            repaired=self.repair)
 
     # ---- chunk rows -----------------------------------------------------------------
 
@@ -302,7 +362,7 @@ class _UserCheck:
             self.report.add(
                 "wrong_refcount",
                 f"{self.who}: chunk {bytes(digest).hex()} has refcount {refcount}, "
-                f"{actual} file chunks point at it",
+                f"{actual} file chunks and holds point at it",
                 repaired=self.repair,
             )
 
@@ -327,18 +387,20 @@ class _UserCheck:
         return wrong
 
     def unreferenced_chunks(self) -> None:
-        chunk_ids = [
-            chunk_id
-            for (chunk_id,) in self._query(
-                "SELECT id FROM chunks c WHERE c.user_id = :uid AND NOT EXISTS"
-                " (SELECT 1 FROM file_chunks f WHERE f.chunk_id = c.id AND f.user_id = :uid)"
+        chunks = [
+            ReclaimableChunk(chunk_id, bytes(digest))
+            for chunk_id, digest in self._query(
+                "SELECT id, sha256 FROM chunks c WHERE c.user_id = :uid AND deleting_by IS NULL"
+                " AND NOT EXISTS (SELECT 1 FROM file_chunks f WHERE f.chunk_id = c.id AND f.user_id = :uid)"
+                " AND NOT EXISTS (SELECT 1 FROM chunk_holds h WHERE h.chunk_id = c.id)"
             )
         ]
-        if not chunk_ids:
+        if not chunks:
             return
         # reclaim takes only rows whose refcount is 0: one a wrong refcount still keeps
         # stays for a run that repairs refcounts first.
-        reclaimed = self.meta.reclaim(chunk_ids, self._delete_bytes) if self.repair else 0
+        reclaimed = recovery.reclaim(self.meta, self.stores, chunks) if self.repair else 0
+        chunk_ids = chunks
         self.report.add("unreferenced_chunks",
                         f"{self.who}: {len(chunk_ids)} chunk row(s) no file references",
                         found=len(chunk_ids), repaired=reclaimed)
@@ -364,25 +426,10 @@ class _UserCheck:
                             repaired=removed)
 
     def _remove_orphan(self, digest: bytes) -> bool:
-        """Delete an orphan's files unless a commit has just given it a chunks row."""
-
-        def work(conn: Connection) -> bool:
-            # The uncommitted placeholder makes a concurrent commit of this digest wait
-            # until the files are gone; that commit then inserts its own row and
-            # re-stores the chunk (commit_file's ensure_stored), as after a reclaim.
-            placeholder = self._exec(
-                conn,
-                "INSERT INTO chunks (user_id, sha256, size, refcount) VALUES (:uid, :digest, 0, 0)"
-                " ON CONFLICT (user_id, sha256) DO NOTHING RETURNING id",
-                digest=digest,
-            ).scalar()
-            if placeholder is None:
-                return False
-            self.stores.delete(self.user_id, digest)
-            self._exec(conn, "DELETE FROM chunks WHERE id = :id AND user_id = :uid", id=placeholder)
-            return True
-
-        return self._run(work)
+        """Delete an orphan's files unless a mount has just reserved it: a row marked as
+        being deleted by this session makes a reservation of the digest wait meanwhile."""
+        claimed = self.meta.claim_orphan(digest)
+        return recovery.delete_claimed(self.meta, self.stores, claimed) > 0
 
     def chunk_copies(self) -> None:
         open_damage = {
@@ -450,10 +497,6 @@ class _UserCheck:
                 f"lost chunk {digest.hex()}",
                 found=count,
             )
-
-    def _delete_bytes(self, digests: list[bytes]) -> None:
-        for digest in digests:
-            self.stores.delete(self.user_id, digest)
 
     # ---- counters -------------------------------------------------------------------
 

@@ -14,11 +14,13 @@ import trio
 
 from dfsfs.core.filesystem import FileSystem
 from dfsfs.errors import DfsfsError
-from dfsfs.meta.store import Attrs
+from dfsfs.types import Attrs
 
 log = logging.getLogger(__name__)
 
 BLOCK_SIZE = 4096
+DIRECTORY_SIZE = 4096  # as ext4 shows a small directory
+DOT_OFFSET, DOTDOT_OFFSET = 1, 2  # readdir offsets; an entry's is its id plus 2
 
 
 def errno_boundary(operation):
@@ -61,7 +63,7 @@ class Operations(pyfuse3.Operations):
     def _kernel_ino(self, ino: int) -> int:
         return pyfuse3.ROOT_INODE if ino == self.fs.root_ino else ino + 1
 
-    def _entry(self, attrs: Attrs) -> pyfuse3.EntryAttributes:
+    def _attributes(self, attrs: Attrs) -> pyfuse3.EntryAttributes:
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = self._kernel_ino(attrs.ino)
         entry.generation = 0
@@ -72,25 +74,32 @@ class Operations(pyfuse3.Operations):
         entry.st_uid = attrs.uid
         entry.st_gid = attrs.gid
         entry.st_rdev = attrs.rdev
-        entry.st_size = attrs.size
         entry.st_blksize = self.fs.settings.chunk_size  # cp and friends size their I/O by it
-        entry.st_blocks = (attrs.size + 511) // 512
+        if attrs.is_dir:
+            entry.st_size = DIRECTORY_SIZE
+            entry.st_blocks = DIRECTORY_SIZE // 512
+        else:
+            entry.st_size = attrs.size
+            entry.st_blocks = (attrs.stored_bytes + 511) // 512  # holes take no blocks
         entry.st_atime_ns = attrs.atime_ns
         entry.st_mtime_ns = attrs.mtime_ns
         entry.st_ctime_ns = attrs.ctime_ns
         return entry
 
+    def _entry(self, attrs: Attrs) -> pyfuse3.EntryAttributes:
+        """Attributes given to the kernel as an entry: it holds a reference until forget."""
+        self.fs.kernel_took(attrs.ino)
+        return self._attributes(attrs)
+
     # ---- names -----------------------------------------------------------------------
 
     @errno_boundary
     async def lookup(self, parent_inode, name, ctx=None):
-        if name == b".":
-            return await self.getattr(parent_inode)
         return self._entry(await self.fs.lookup(self._ino(parent_inode), name))
 
     @errno_boundary
     async def getattr(self, inode, ctx=None):
-        return self._entry(await self.fs.getattr(self._ino(inode)))
+        return self._attributes(await self.fs.getattr(self._ino(inode)))
 
     @errno_boundary
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -106,7 +115,8 @@ class Operations(pyfuse3.Operations):
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
         size = attr.st_size if fields.update_size else None
-        return self._entry(await self.fs.setattr(self._ino(inode), ctx.uid, size=size, **changes))
+        return self._attributes(
+            await self.fs.setattr(self._ino(inode), ctx.uid, size=size, **changes))
 
     @errno_boundary
     async def readlink(self, inode, ctx):
@@ -118,16 +128,35 @@ class Operations(pyfuse3.Operations):
 
     @errno_boundary
     async def readdir(self, fh, start_id, token):
+        """'.' and '..' first, then the entries by id. The kernel takes a reference to
+        every entry but those two."""
         batch = 256
-        after = start_id
-        while True:
-            entries = await self.fs.readdir(fh, after, batch)
-            for entry_id, name, attrs in entries:
-                if not pyfuse3.readdir_reply(token, name, self._entry(attrs), entry_id):
+        after = max(0, start_id - DOTDOT_OFFSET)
+        entries, parent_ino = await self.fs.readdir(fh, after, batch)
+        if start_id < DOTDOT_OFFSET:
+            directory = self.fs.handles.dir(fh).ino
+            for offset, name, ino in ((DOT_OFFSET, b".", directory),
+                                      (DOTDOT_OFFSET, b"..", parent_ino)):
+                if start_id < offset and not pyfuse3.readdir_reply(
+                        token, name, self._dot_attributes(ino), offset):
                     return
+        while True:
+            for entry_id, name, attrs in entries:
+                if not pyfuse3.readdir_reply(token, name, self._attributes(attrs),
+                                             entry_id + DOTDOT_OFFSET):
+                    return
+                self.fs.kernel_took(attrs.ino)
                 after = entry_id
             if len(entries) < batch:
                 return
+            entries, _ = await self.fs.readdir(fh, after, batch)
+
+    def _dot_attributes(self, ino: int) -> pyfuse3.EntryAttributes:
+        """'.' and '..' carry only their inode number (the kernel ignores the rest)."""
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = self._kernel_ino(ino)
+        entry.st_mode = stat_module.S_IFDIR
+        return entry
 
     @errno_boundary
     async def releasedir(self, fh):
@@ -135,7 +164,7 @@ class Operations(pyfuse3.Operations):
 
     @errno_boundary
     async def fsyncdir(self, fh, datasync):
-        await self.fs.make_durable()
+        await self.fs.sync()
 
     @errno_boundary
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
@@ -204,7 +233,7 @@ class Operations(pyfuse3.Operations):
 
     @errno_boundary
     async def fsync(self, fh, datasync):
-        await self.fs.flush(fh)
+        await self.fs.fsync(fh)
 
     @errno_boundary
     async def release(self, fh):
@@ -243,5 +272,8 @@ class Operations(pyfuse3.Operations):
         return stats
 
     async def forget(self, inode_list):
-        return None  # inodes are freed when their last name and open handle are gone
+        """The kernel drops references (no reply is sent, so no errno either)."""
+        for inode, count in inode_list:
+            if inode != pyfuse3.ROOT_INODE:
+                self.fs.forget(self._ino(inode), count)
 

@@ -240,21 +240,16 @@ def errno_of(function, *args, timeout: float = 15.0) -> tuple[int, float]:
 
 # ---- fsck, stats, the database ----------------------------------------------------------------
 
-_FSCK_LINE = re.compile(r"^\s+(.+): (\d+) found, (\d+) repaired$")
+def fsck_report(deployment, *args, timeout: float = 120.0) -> tuple[int, dict, str]:
+    """Run `dfsfs fsck --json ARGS`: (exit status, the report, output)."""
+    result = deployment.run("fsck", "--json", *args, check=False, timeout=timeout)
+    return result.returncode, json.loads(result.stdout), result.stdout + result.stderr
 
 
 def fsck(deployment, *args, timeout: float = 120.0) -> tuple[int, dict[str, int], str]:
-    """Run `dfsfs fsck ARGS`: (exit status, {category: found}, output)."""
-    from dfsfs.fsck import CATEGORIES
-
-    by_description = {description: category for category, description in CATEGORIES.items()}
-    result = deployment.run("fsck", *args, check=False, timeout=timeout)
-    found = {}
-    for line in result.stdout.splitlines():
-        match = _FSCK_LINE.match(line)
-        if match and match.group(1) in by_description:
-            found[by_description[match.group(1)]] = int(match.group(2))
-    return result.returncode, found, result.stdout + result.stderr
+    """Run `dfsfs fsck --json ARGS`: (exit status, {category: found}, output)."""
+    status, report, output = fsck_report(deployment, *args, timeout=timeout)
+    return status, report["found"], output
 
 
 def query(url: str, sql: str, **params) -> list[tuple]:

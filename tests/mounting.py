@@ -15,6 +15,7 @@ still live when the interpreter exits is torn down by an atexit hook as a last r
 
 import atexit
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -91,6 +92,20 @@ class Deployment:
         if name not in self.users:
             self.run("user", "add", name)
             self.users.add(name)
+
+    def fsck(self, user: str, *args: str) -> dict:
+        """`dfsfs fsck --json --user USER ARGS`: its report."""
+        result = self.run("fsck", "--json", "--user", user, *args, check=False)
+        return json.loads(result.stdout)
+
+    def assert_consistent(self, user: str, settle_s: float = 0.0) -> None:
+        """fsck finds nothing: the stores hold exactly the chunks the metadata names, no
+        unlinked inode or hold is left over, and every count is right. With a live mount,
+        background reclaim may still be under way: fsck is asked again for `settle_s`."""
+        deadline = time.monotonic() + settle_s
+        while not (report := self.fsck(user))["clean"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert report["clean"], f"fsck of {user}: {report['problems'][:20]}"
 
     def mount(self, user: str | None = None, path: Path | None = None) -> "Mount":
         """Create the account if needed, mount it at `path` (default: a fresh directory)."""
@@ -347,9 +362,11 @@ def deployment(request, database_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mnt(deployment):
-    """One mount per test module (of the account 'alice'), unmounted cleanly at the end."""
+    """One mount per test module (of the account 'alice'), unmounted cleanly at the end;
+    then nothing may be left over (fsck is clean: no leaked chunk, hold or inode)."""
     with deployment.mount("alice") as live:
         yield live
+    deployment.assert_consistent("alice")
 
 
 @pytest.fixture

@@ -40,7 +40,9 @@ from mounting import Deployment, is_mount
 ITERATIONS = 10
 SEED = 20240607
 # Leftovers a crash may legitimately leave; fsck reports them and --repair removes them.
-CRASH_LEFTOVERS = {"orphan_chunks", "unreferenced_chunks"}
+# What a killed daemon leaves: its session (holds, chunks not yet durable), and chunks
+# between their last reference and their reclaim, or put and not yet committed.
+CRASH_LEFTOVERS = {"sessions_over", "orphan_chunks", "unreferenced_chunks"}
 SMALL_NAMES = [f"s{i}" for i in range(16)]
 RENAME_TARGETS = [f"r{i}" for i in range(6)]
 INNER = content("inner", 70_000)

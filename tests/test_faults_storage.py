@@ -29,6 +29,7 @@ from faults import (
     drop_caches,
     errno_of,
     fsck,
+    fsck_report,
     mounted,
     query,
     teardown,
@@ -246,9 +247,9 @@ def test_bad_backup_copies_are_repaired_by_fsck(deployment):
         path = copy_path(deployment, "backup", uid, chunks[index])
         assert path.exists() == (how != "delete"), "fsck without --repair changed the store"
 
-    status, found, output = fsck(deployment, "--repair", "--user", user)
-    assert status == 1 and found == {"damaged_copies": len(BACKUP_DAMAGE)}, output
-    assert f"{len(BACKUP_DAMAGE)} repaired" in output, output
+    status, report, output = fsck_report(deployment, "--repair", "--user", user)
+    assert status == 1 and report["found"] == {"damaged_copies": len(BACKUP_DAMAGE)}, output
+    assert report["repaired"] == {"damaged_copies": len(BACKUP_DAMAGE)}, output
     for index in BACKUP_DAMAGE:
         assert_good_copy(copy_path(deployment, "backup", uid, chunks[index]), chunks[index])
     status, found, output = fsck(deployment, "--user", user)

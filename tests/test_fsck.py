@@ -1,7 +1,7 @@
-"""fsck and gc against a real PostgreSQL and two real chunk directories.
+"""fsck against a real PostgreSQL and two real chunk directories.
 
-`Account` (also used by test_stats) writes files the way a mount does: chunks into the
-stores first, then one metadata commit.
+`Account` (also used by test_stats) writes files through the file-system core itself
+(tests/corehost.py: no kernel), so the metadata and the stores are as a mount leaves them.
 """
 
 import os
@@ -17,36 +17,41 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from corehost import CoreHost
 
 from dfsfs.auth import hash_password
 from dfsfs.chunks import LocalChunkStore, MirroredChunkStore, digest_of
 from dfsfs.cli import main
 from dfsfs.config import ENVIRONMENT
-from dfsfs.fsck import check, gc
+from dfsfs.core.settings import CoreSettings
+from dfsfs.fsck import check
 from dfsfs.meta.accounts import AccountStore
 from dfsfs.meta.db import create_engine
+from dfsfs.meta.layout import record_chunk_size
 from dfsfs.meta.migrations import migrate
-from dfsfs.meta.store import ChunkRef, MetadataStore
+from dfsfs.types import QueuedRemoval
 
 CHUNK_SIZE = 4096
 PASSWORD = "fsck-test-password"
-FILE_MODE = stat.S_IFREG | 0o644
 DIR_MODE = stat.S_IFDIR | 0o755
 
 
-def _now_changed() -> dict[str, int]:
-    now = time.time_ns()
-    return {"mtime_ns": now, "ctime_ns": now}
-
-
 class Account:
-    """A new account whose files are written as a mount writes them."""
+    """A new account whose files are written through the core, as a mount writes them."""
 
     def __init__(self, engine, stores: MirroredChunkStore, name: str | None = None):
         self.name = name or "u" + uuid.uuid4().hex[:10]
         self.user_id = AccountStore(engine).create_user(self.name, hash_password(PASSWORD))
-        self.meta = MetadataStore(engine, self.user_id)
+        record_chunk_size(engine, CHUNK_SIZE)
         self.stores = stores
+        self.core = CoreHost(engine.url.render_as_string(hide_password=False), self.user_id,
+                             Path(stores.primary.root).parent,
+                             CoreSettings(chunk_size=CHUNK_SIZE, write_buffer_bytes=1 << 20)).start()
+        self.meta = self.core.meta
+        self.fs = self.core.fs
+
+    def close(self) -> None:
+        self.core.stop()
 
     def mkdir(self, name: bytes, parent: int | None = None) -> int:
         return self._make(parent, name, DIR_MODE).ino
@@ -55,45 +60,43 @@ class Account:
         return self._make(parent, name, stat.S_IFLNK | 0o777, target=target).ino
 
     def write(self, name: bytes, data: bytes, parent: int | None = None) -> int:
-        ino = self._make(parent, name, FILE_MODE).ino
-        self.overwrite(ino, data)
+        ino = self.core.write_file(parent or self.fs.root_ino, name, data)
+        self._settle()
         return ino
 
-    def overwrite(self, ino: int, data: bytes) -> None:
-        """Replace the whole content: new chunks stored, then one commit, then reclaim."""
-        pieces = [data[offset:offset + CHUNK_SIZE] for offset in range(0, len(data), CHUNK_SIZE)]
-        for piece in pieces:
-            self.stores.put(self.user_id, digest_of(piece), piece)
-        self.stores.sync()
-        refs = {index: ChunkRef(digest_of(piece), len(piece)) for index, piece in enumerate(pieces)}
-        self._reclaim(self.meta.commit_file(ino, refs, len(data), _now_changed(),
-                                            drop_from_index=len(pieces)))
-
     def truncate(self, ino: int, chunks_kept: int) -> None:
-        released = self.meta.commit_file(ino, {}, chunks_kept * CHUNK_SIZE, _now_changed(),
-                                         drop_from_index=chunks_kept)
-        self._reclaim(released)
+        self.core.call(self.fs.setattr, ino, 0, size=chunks_kept * CHUNK_SIZE)
+        self._settle()
 
-    def delete(self, name: bytes, parent: int | None = None, crash_before_reclaim: bool = False) -> None:
-        removal = self.meta.unlink(parent or self.meta.root_ino, name, time.time_ns(), directory=False)
-        if not crash_before_reclaim:
-            self._reclaim(removal.reclaimable)
+    def overwrite(self, ino: int, data: bytes) -> None:
+        fh, _ = self.core.call(self.fs.open, ino, os.O_WRONLY | os.O_TRUNC)
+        self.core.call(self.fs.write, fh, 0, data)
+        self.core.call(self.fs.release, fh)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Let the background work the core would do next finish: sync, reclaim."""
+        for settle in (self.fs.sync, self.fs.releaser.settle, self.fs.reclaimer.settle):
+            self.core.call(settle)
+
+    def delete(self, name: bytes, parent: int | None = None) -> None:
+        """unlink, then everything the mount does after it: the inode released and purged,
+        its chunks reclaimed."""
+        self.core.call(self.fs.unlink, parent or self.fs.root_ino, name)
+        self._settle()
+
+    def delete_but_crash_before_reclaim(self, name: bytes) -> None:
+        """The name goes and the inode is purged, then the mount dies before it reclaims
+        (the metadata calls the core would make, without the reclaim after them)."""
+        [removed] = self.meta.unlink_each([QueuedRemoval(self.fs.root_ino, name, time.time_ns())])
+        self.meta.release_inodes([removed.ino])
 
     def chunk_path(self, role: str, digest: bytes) -> Path:
-        store = getattr(self.stores, role)
-        digest_hex = digest.hex()
-        return Path(store.root, str(self.user_id), digest_hex[:2], digest_hex[2:4], digest_hex)
+        return getattr(self.stores, role).path_of(self.user_id, digest)
 
     def _make(self, parent: int | None, name: bytes, mode: int, target: bytes | None = None):
-        return self.meta.make_node(parent or self.meta.root_ino, name, mode, 0, 0, time.time_ns(),
-                                   target=target)
-
-    def _reclaim(self, released) -> None:
-        def delete_bytes(digests):
-            for digest in digests:
-                self.stores.delete(self.user_id, digest)
-
-        self.meta.reclaim([chunk.id for chunk in released], delete_bytes)
+        return self.core.call(self.fs.make_node, parent or self.fs.root_ino, name, mode, 0, 0,
+                              target=target)
 
 
 @pytest.fixture
@@ -105,8 +108,10 @@ def stores(tmp_path):
 
 
 @pytest.fixture
-def account(admin_engine, stores) -> Account:
-    return Account(admin_engine, stores)
+def account(admin_engine, stores):
+    made = Account(admin_engine, stores)
+    yield made
+    made.close()
 
 
 @pytest.fixture
@@ -148,7 +153,7 @@ def populate(account: Account) -> dict[str, int]:
         "b": account.write(b"b.bin", shared, parent=docs),
         "c": account.write(b"c.bin", os.urandom(700), parent=docs),
     }
-    account.meta.link(inos["c"], account.meta.root_ino, b"c-link", time.time_ns())
+    account.core.call(account.fs.link, inos["c"], account.fs.root_ino, b"c-link")
     account.symlink(b"to-a", b"a.bin")
     return inos
 
@@ -176,7 +181,9 @@ def test_all_accounts_by_default(database_factory, tmp_path, stores, dfsfs):
     try:
         migrate(engine)
         for _ in range(2):
-            populate(Account(engine, stores))
+            made = Account(engine, stores)
+            populate(made)
+            made.close()
 
         result = dfsfs(url, "fsck")
 
@@ -190,6 +197,7 @@ def test_all_accounts_by_default(database_factory, tmp_path, stores, dfsfs):
 
 def test_progress_counts_every_chunk(admin_engine, account, stores):
     populate(account)
+    account.close()  # (its own session would count as live: nothing changes meanwhile)
     calls = []
 
     report = check(admin_engine, stores, [account.user_id], progress=lambda *call: calls.append(call))
@@ -296,23 +304,27 @@ CRASHING_WRITER = textwrap.dedent("""
     from dfsfs.chunks import LocalChunkStore, MirroredChunkStore, digest_of
     from dfsfs.meta.db import create_engine
     from dfsfs.meta.store import MetadataStore
+    from dfsfs.recovery import open_own_session
 
     url, primary, backup, user_id = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    meta = MetadataStore(create_engine(url, user_id=user_id), user_id)
+    engine = create_engine(url, user_id=user_id)
+    meta = MetadataStore(engine, user_id, open_own_session(engine, user_id, 300.0))
     meta.make_node(meta.root_ino, b"interrupted", 0o100644, 0, 0, time.time_ns())
     stores = MirroredChunkStore(LocalChunkStore(primary, "primary"), LocalChunkStore(backup, "backup"))
-    for _ in range(3):
-        data = os.urandom(2000)
-        stores.put(user_id, digest_of(data), data)
-    stores.sync()
+    pieces = [os.urandom(2000) for _ in range(3)]
+    meta.reserve_chunks([digest_of(p) for p in pieces], [len(p) for p in pieces])
+    for piece in pieces:
+        stores.put(user_id, digest_of(piece), piece)
     print("chunks written", flush=True)
-    sys.stdin.read()  # commit_file would come next: the test kills us first
+    sys.stdin.read()  # the commit would come next: the test kills us first
 """)
 
 
-def test_crash_between_chunk_write_and_commit_leaves_orphans(
+def test_crash_between_chunk_write_and_commit_leaves_a_session_to_settle(
     admin_engine, database_url, account, stores, tmp_path
 ):
+    """A daemon killed after storing chunks and before committing them: its session holds
+    the chunks; fsck finds the session dead (its process is gone) and releases them."""
     writer = subprocess.Popen(
         [sys.executable, "-c", CRASHING_WRITER, database_url, stores.primary.root, stores.backup.root,
          str(account.user_id)],
@@ -325,9 +337,12 @@ def test_crash_between_chunk_write_and_commit_leaves_orphans(
         writer.wait()
     assert len(list(stores.primary.keys(account.user_id))) == 3
 
+    found = check(admin_engine, stores, [account.user_id])
+    assert found.found == {"sessions_over": 1}, found.problems
+    assert "left 3 hold(s) and 3 unsettled chunk(s)" in found.problems[0]
     report = check(admin_engine, stores, [account.user_id], repair=True)
 
-    assert report.found == {"orphan_chunks": 3} and report.repaired == {"orphan_chunks": 3}
+    assert report.found == {"sessions_over": 1} and report.repaired == {"sessions_over": 1}
     assert list(stores.primary.keys(account.user_id)) == list(stores.backup.keys(account.user_id)) == []
     assert account.meta.lookup(account.meta.root_ino, b"interrupted").size == 0
     assert check(admin_engine, stores, [account.user_id]).clean
@@ -336,7 +351,7 @@ def test_crash_between_chunk_write_and_commit_leaves_orphans(
 def test_unreferenced_chunk_row_is_reclaimed(admin_engine, account, stores):
     ino = account.write(b"gone", os.urandom(100))
     [digest] = digests_of(account, ino)
-    account.delete(b"gone", crash_before_reclaim=True)
+    account.delete_but_crash_before_reclaim(b"gone")
 
     found = check(admin_engine, stores, [account.user_id])
     assert found.found == {"unreferenced_chunks": 1}
@@ -347,30 +362,32 @@ def test_unreferenced_chunk_row_is_reclaimed(admin_engine, account, stores):
     assert check(admin_engine, stores, [account.user_id]).clean
 
 
-def test_gc_removes_only_garbage(admin_engine, account, stores):
-    kept = account.write(b"kept", os.urandom(100))
-    account.write(b"gone", os.urandom(100))
-    account.delete(b"gone", crash_before_reclaim=True)
-    orphan = os.urandom(10)
-    stores.put(account.user_id, digest_of(orphan), orphan)
-
-    report = gc(admin_engine, stores, [account.user_id])
-
-    assert report.found == report.repaired == {"unreferenced_chunks": 1, "orphan_chunks": 1}
-    assert [digest for _, digest in stores.primary.keys(account.user_id)] == digests_of(account, kept)
-
-
-def test_unlinked_inode_is_purged(admin_engine, account, stores):
+def test_unlinked_inode_of_a_dead_session_is_purged(admin_engine, account, stores):
+    """A file removed while open, and then the mount died: its session still holds the
+    inode. fsck finds the session over; repair purges the inode and reclaims its chunks."""
     ino = account.write(b"open-when-crashed", os.urandom(100))
     [digest] = digests_of(account, ino)
-    account.meta.unlink(account.meta.root_ino, b"open-when-crashed", time.time_ns(), directory=False,
-                        open_inos={ino})  # and then the mount crashed with the file open
+    account.meta.unlink_each([QueuedRemoval(account.fs.root_ino, b"open-when-crashed",
+                                            time.time_ns())])
+    assert check(admin_engine, stores, [account.user_id]).clean  # held by a live session
+    account.meta.end_sessions([account.meta.session_id], "crashed")
 
-    assert check(admin_engine, stores, [account.user_id]).found == {"unlinked_inodes": 1}
+    assert check(admin_engine, stores, [account.user_id]).found == {"sessions_over": 1}
 
     check(admin_engine, stores, [account.user_id], repair=True)
-    assert account.meta.unlinked_inodes() == []
     assert not stores.backup.has(account.user_id, digest)
+    with admin_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM inodes WHERE id = :ino"), {"ino": ino}).scalar() == 0
+    assert check(admin_engine, stores, [account.user_id]).clean
+
+
+def test_unlinked_inode_nobody_holds_is_purged(admin_engine, account, stores):
+    ino = account.write(b"f", os.urandom(100))
+    sql(admin_engine, "DELETE FROM dentries WHERE ino = :ino", ino=ino)
+    sql(admin_engine, "UPDATE inodes SET nlink = 0 WHERE id = :ino", ino=ino)
+
+    assert check(admin_engine, stores, [account.user_id]).found == {"unlinked_inodes": 1, "wrong_usage": 2}
+    check(admin_engine, stores, [account.user_id], repair=True)
     assert check(admin_engine, stores, [account.user_id]).clean
 
 
@@ -402,7 +419,7 @@ def test_wrong_refcount_and_usage_counters_are_corrected(admin_engine, account, 
 
     found = check(admin_engine, stores, [account.user_id])
     assert found.found == {"wrong_refcount": 1, "wrong_usage": 3}
-    assert f"chunk {shared.hex()} has refcount 7, 2 file chunks point at it" in found.problems[0]
+    assert f"chunk {shared.hex()} has refcount 7, 2 file chunks and holds point at it" in found.problems[0]
 
     repaired = check(admin_engine, stores, [account.user_id], repair=True)
     assert repaired.repaired == repaired.found

@@ -11,6 +11,7 @@ from dfsfs.meta.db import create_engine
 from dfsfs.meta.layout import recorded_chunk_size
 from dfsfs.meta.migrations import LATEST_VERSION, MIGRATIONS, current_version, migrate
 from dfsfs.meta.store import MetadataStore
+from dfsfs.recovery import open_own_session
 
 OLD_CHUNK_SIZE = 65536
 # An account with a directory and a two-chunk file, written with the statements of the
@@ -68,7 +69,8 @@ def test_a_database_of_every_earlier_version_upgrades_with_its_files(database_fa
         if version < 6:  # the chunk size the stored chunks show is recorded
             assert recorded_chunk_size(engine) == OLD_CHUNK_SIZE
         url = engine.url.render_as_string(hide_password=False)
-        meta = MetadataStore(create_engine(url, user_id=1000), 1000)
+        account_engine = create_engine(url, user_id=1000)
+        meta = MetadataStore(account_engine, 1000, open_own_session(account_engine, 1000, 60.0))
         try:
             docs = meta.lookup(meta.root_ino, b"docs")
             found = meta.lookup(docs.ino, b"f")
@@ -77,6 +79,7 @@ def test_a_database_of_every_earlier_version_upgrades_with_its_files(database_fa
             assert meta.get_xattr(5002, b"user.k") == b"v"
             made = meta.make_node(docs.ino, b"new", 0o100644, 0, 0, time.time_ns())
             assert meta.lookup(docs.ino, b"new") == made
+            assert found.stored_bytes == OLD_CHUNK_SIZE + 100  # st_blocks of files from before
         finally:
             meta.engine.dispose()
     finally:

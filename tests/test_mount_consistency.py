@@ -3,6 +3,7 @@ two live mounts of one account (close-to-open consistency, namespace changes aft
 timeout), quotas, the errors of `dfsfs mount`/`umount`, a busy mount point, SIGTERM, and the
 mount.dfsfs helper of fstab and systemd."""
 
+import concurrent.futures
 import errno
 import os
 import random
@@ -10,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import mounting
+from faults import drop_caches
 from mounting import Mount, deployment, mnt, sh, sha256_file, tree_snapshot, work  # noqa: F401
 
 CHUNK_SIZE = "64K"
@@ -203,13 +206,57 @@ def test_file_unlinked_in_one_mount_while_open_in_the_other(work, mnt, second):
         assert held.read(10) == content[:10]
         os.unlink(work / "f")
         assert wait_until(lambda: not (there / "f").exists())
-        # the other mount's open file keeps its data (or fails cleanly, never wrong bytes)
+        # the other mount's session holds the file: its data stays until it is closed
+        drop_caches()
+        assert held.read() == content[10:]
+
+
+SAVES = 150
+
+
+def save_by_rename_in_a_loop(directory: Path, stop: threading.Event) -> int:
+    """What editors do to save: write a temporary file, rename it over the document."""
+    saves = 0
+    while not stop.is_set() and saves < SAVES:
+        temporary = directory / f".doc.{saves}.tmp"
+        temporary.write_bytes(b"version %d\n" % saves * 100)
+        os.rename(temporary, directory / "doc")
+        saves += 1
+    return saves
+
+
+def open_in_a_loop(path: Path, stop: threading.Event, failures: list) -> int:
+    opened = 0
+    while not stop.is_set():
         try:
-            rest = held.read()
+            with open(path, "rb") as f:
+                content = f.read()
         except OSError as error:
-            assert error.errno in (errno.ESTALE, errno.ENOENT, errno.EIO), error
-        else:
-            assert rest == content[10:]
+            failures.append(os.strerror(error.errno))
+            continue
+        assert content.startswith(b"version ") and len(content) % 100 == 0 or not content, content[:40]
+        opened += 1
+    return opened
+
+
+@pytest.mark.parametrize("where", ["same mount", "other mount"])
+def test_saving_by_rename_never_makes_the_name_vanish(work, mnt, second, where):
+    """An opener never meets ENOENT while another process replaces the file by rename, on
+    the same mount (the kernel's lookup references keep the old inode) or on another
+    (an open of an inode replaced there is answered ESTALE, and the kernel looks again)."""
+    (work / "doc").write_bytes(b"version -1\n" * 100)
+    reader_dir = work if where == "same mount" else second.path / work.relative_to(mnt.path)
+    assert wait_until((reader_dir / "doc").exists)
+    stop, failures = threading.Event(), []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        opens = pool.submit(open_in_a_loop, reader_dir / "doc", stop, failures)
+        saves = pool.submit(save_by_rename_in_a_loop, work, stop)
+        try:
+            assert saves.result(timeout=120) == SAVES
+        finally:
+            stop.set()
+        assert opens.result(timeout=30) > 0
+    assert not failures, f"{len(failures)} opens failed: {sorted(set(failures))}"
 
 
 # ---- quota -------------------------------------------------------------------------------------

@@ -312,3 +312,26 @@ def test_find_and_du_over_a_tree(work, tmp_path):
     sparse_kib = int(sh(f"du -k '{inside}/media/sparse'").stdout.split()[0])
     assert sparse_kib <= 5 * 1024
     assert int(sh(f"du -k --apparent-size '{inside}/media/sparse'").stdout.split()[0]) == 5 * 1024
+
+
+def test_small_rewrites_leave_exactly_the_committed_chunks(work, deployment, mnt):
+    """Partial overwrites of a stored chunk, and SQLite's small transactions, store what
+    they commit and leave nothing else in the stores (each write() once stored a whole
+    chunk nobody referenced)."""
+    path = work / "rewritten"
+    path.write_bytes(data(MIB, seed=7))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for i in range(20):
+            os.pwrite(fd, data(4096, seed=100 + i), i * 40_000)
+    finally:
+        os.close(fd)
+    conn = sqlite3.connect(work / "small.sqlite", isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=delete")
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        for i in range(300):
+            conn.execute("INSERT INTO t (v) VALUES (?)", (f"row {i}",))
+    finally:
+        conn.close()
+    deployment.assert_consistent(mnt.user, settle_s=10)

@@ -132,7 +132,10 @@ def test_stats_follow_delete_truncate_and_overwrite(admin_engine, account):
 
 
 def test_all_stats_lists_every_account(admin_engine, stores):
-    names = sorted(Account(admin_engine, stores).name for _ in range(2))
+    made = [Account(admin_engine, stores) for _ in range(2)]
+    for account in made:
+        account.close()
+    names = sorted(account.name for account in made)
 
     listed = [entry["user"] for entry in all_stats(admin_engine, CHUNK_SIZE)]
 

@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from dfsfs.chunks.base import (
     ChunkMissingError,
@@ -116,6 +117,10 @@ class LocalChunkStore(ChunkStore):
                 if name.startswith(".") and name.endswith(TEMP_SUFFIX):
                     removed += self._remove_if_older(os.path.join(directory, name), cutoff)
         return removed
+
+    def path_of(self, namespace: int, digest: bytes) -> Path:
+        """Where the chunk's file is (for tests and tools that look at the files)."""
+        return Path(self._path(namespace, digest))
 
     def _path(self, namespace: int, digest: bytes) -> str:
         # check_key admits only an int and 32 bytes, whose decimal and hex spellings

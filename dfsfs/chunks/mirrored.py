@@ -94,7 +94,7 @@ class MirroredChunkStore(ChunkStore):
         self.primary = primary
         self.backup = backup
         self.name = f"{primary.name}+{backup.name}"
-        self._on_damage = on_damage
+        self.on_damage = on_damage  # called from the reading thread
         self.backup_queue = backup_queue
         self._backup_writers = futures.ThreadPoolExecutor(
             BACKUP_WRITE_THREADS, thread_name_prefix="backup-write"
@@ -132,8 +132,10 @@ class MirroredChunkStore(ChunkStore):
         return self.backup_queue is not None or self.backup.has(namespace, digest)
 
     def delete(self, namespace: int, digest: bytes) -> None:
-        self.primary.delete(namespace, digest)
+        # The backup first: a reader meanwhile still finds the primary copy, and never
+        # repairs a missing primary copy from a backup copy about to go.
         self.backup.delete(namespace, digest)
+        self.primary.delete(namespace, digest)
 
     def keys(self, namespace: int | None = None) -> Iterator[tuple[int, bytes]]:
         return self.primary.keys(namespace)
@@ -225,10 +227,10 @@ class MirroredChunkStore(ChunkStore):
         outcome = "repaired" if repaired else "not repaired"
         log.warning("chunk %s of namespace %s: %s copy %s, %s (%s)",
                     digest.hex(), namespace, copy.role, copy.state, outcome, copy.detail)
-        if self._on_damage is None:
+        if self.on_damage is None:
             return
         try:
-            self._on_damage(event)
+            self.on_damage(event)
         except Exception:
             # Recording damage must not fail a read that found a good copy.
             log.exception("recording %s failed", event)

@@ -1,18 +1,22 @@
-"""MetadataStore: every metadata transaction of one user's file system.
+"""MetadataStore: every metadata call of one account's mount.
 
-Each public method runs in exactly one transaction (via run_transaction, which retries
-serialization failures and deadlocks) and every statement is scoped by the store's
-user id. The connection is also scoped by row-level security, so even a statement that
-forgot its filter could not reach another user's rows. Blocking: callers run these in
-worker threads.
+Every statement names the account (`:account`) and runs under row-level security, so even
+a statement that forgot its filter could not reach another account's rows. Hot changes
+are single calls of server-side functions (meta/migrations/0008_write_path.sql explains
+the protocol); reads run without a transaction (one round trip each). Blocking: callers
+run these in worker threads.
+
+Durability: changes commit without waiting for PostgreSQL's WAL flush (they are visible
+to every mount at once); a sync point (`settle`, `flush_wal`) commits durably, which makes
+every earlier commit durable too, as the WAL is flushed in order.
 """
 
 import functools
 import os
 import re
 import stat as stat_module
-from collections.abc import Callable, Container, Iterable, Mapping
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterable
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
@@ -22,103 +26,42 @@ from dfsfs.errors import (
     ExistsError,
     InvalidArgumentError,
     IsDirectoryError,
+    MetadataError,
     NoAttributeError,
     NotDirectoryError,
     NotEmptyError,
     NotFoundError,
     QuotaExceededError,
+    StaleError,
 )
 from dfsfs.meta.db import Statements, run_statements, sqlstate
+from dfsfs.types import (
+    Attrs,
+    ChunkRef,
+    FileCommit,
+    QueuedRemoval,
+    ReclaimableChunk,
+    Recovery,
+    Reservation,
+    Usage,
+)
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
-INODE_COLUMNS = "i.id, i.mode, i.uid, i.gid, i.size, i.nlink, i.atime_ns, i.mtime_ns, i.ctime_ns, i.rdev"
+INODE_COLUMNS = ("i.id, i.mode, i.uid, i.gid, i.size, i.nlink, i.atime_ns, i.mtime_ns, i.ctime_ns,"
+                 " i.rdev, i.stored_bytes")
 NODE_COLUMNS = INODE_COLUMNS.replace("i.", "node.")
-COMMITTED_ATTRIBUTES = frozenset({"mtime_ns", "ctime_ns", "atime_ns", "mode", "uid", "gid"})
-# What the server-side removal functions return: the inode after, whether it was purged,
-# and the chunks left without references.
-REMOVAL_COLUMNS = INODE_COLUMNS.replace("i.", "(r.node).") + ", r.purged, r.chunk_ids, r.digests"
+COMMITTED_ATTRIBUTES = ("mtime_ns", "ctime_ns", "atime_ns", "mode", "uid", "gid")
 
-# SQLSTATEs of the server-side functions' refusals (see the functions in meta/migrations).
+# SQLSTATEs of the server-side functions' refusals: 'DF' and the errno.
 _REFUSALS = {
     f"DF{error.errno:03d}": error
     for error in (NotFoundError, ExistsError, NotDirectoryError, IsDirectoryError,
-                  NotEmptyError, QuotaExceededError)
+                  NotEmptyError, QuotaExceededError, StaleError)
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Attrs:
-    """An inode's attributes as stored."""
-
-    ino: int
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    nlink: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    rdev: int
-
-    @property
-    def is_dir(self) -> bool:
-        return stat_module.S_ISDIR(self.mode)
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkRef:
-    """A file chunk's content: the chunk's digest and its stored length."""
-
-    digest: bytes
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    files: int
-    directories: int
-    symlinks: int
-    logical_bytes: int
-    chunks: int
-    stored_bytes: int
-    quota_bytes: int | None
-    quota_inodes: int | None
-
-    @property
-    def inodes(self) -> int:
-        return self.files + self.directories + self.symlinks
-
-
-@dataclass(frozen=True, slots=True)
-class ReclaimableChunk:
-    id: int
-    digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedRemoval:
-    """A name to remove (see unlink_each)."""
-
-    parent_ino: int
-    name: bytes
-    now_ns: int
-    directory: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Removal:
-    """What removing a name did to its inode."""
-
-    attrs: Attrs  # after the removal
-    purged: bool  # the inode had no name and no open handle left, and is gone
-    reclaimable: list[ReclaimableChunk]  # chunks left without references, for `reclaim`
-
-
 _NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
 
@@ -161,88 +104,131 @@ class _Result:
 
 
 def _attrs(row) -> Attrs:
-    return Attrs(*row[:10])
+    return Attrs(*row[:11])
 
 
-def _reclaimable(chunk_ids: list[int], digests: list) -> list[ReclaimableChunk]:
-    return [ReclaimableChunk(chunk_id, bytes(digest)) for chunk_id, digest in zip(chunk_ids, digests)]
+def _chunks(chunk_ids: list[int] | None, digests: list | None) -> list[ReclaimableChunk]:
+    return [ReclaimableChunk(chunk_id, bytes(digest))
+            for chunk_id, digest in zip(chunk_ids or (), digests or ())]
 
 
-def _refusal(code: str) -> DfsfsError:
+def _first_line(error: BaseException | None) -> str:
+    return str(error).strip().splitlines()[0] if error else "unknown error"
+
+
+def refusal(code: str) -> DfsfsError:
+    """The error of a refusal code a server-side function returned."""
     error = _REFUSALS[code]
     return error(os.strerror(error.errno))
 
 
-def _removal(row) -> Removal:
-    """A row of REMOVAL_COLUMNS."""
-    return Removal(_attrs(row), row[10], _reclaimable(row[11], row[12]))
+class DurabilityTracker:
+    """Counts commits made without waiting for the WAL flush, and which of them a durable
+    commit has covered since (it covers every commit that finished before it began)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._relaxed = 0
+        self._durable_up_to = 0
+
+    def relaxed_commit(self) -> None:
+        with self._lock:
+            self._relaxed += 1
+
+    def durable_commit(self, work: Callable[[], object]):
+        with self._lock:
+            covered = self._relaxed
+        result = work()
+        with self._lock:
+            self._durable_up_to = max(self._durable_up_to, covered)
+        return result
+
+    @property
+    def behind(self) -> bool:
+        """Whether some commit may not be on stable storage yet."""
+        with self._lock:
+            return self._relaxed > self._durable_up_to
 
 
 class MetadataStore:
-    """The metadata of one user's namespace. `ino` values are inode ids of that user."""
+    """The metadata of one account's namespace, for one session (a mount).
 
-    def __init__(self, engine: Engine, user_id: int):
+    `ino` values are inode ids of that account. Holds taken by the functions (chunks being
+    stored, inodes open or referenced by the kernel) belong to `session_id`.
+    """
+
+    def __init__(self, engine: Engine, account_id: int, session_id: int):
         self.engine = engine
-        self.user_id = user_id
-        self._relaxed_commits = 0  # transactions committed so far without a WAL flush
-        self._durable_up_to = 0  # ... of which this many are known flushed
+        self.account_id = account_id
+        self.session_id = session_id
+        self.durability = DurabilityTracker()
         self.root_ino = self._read(self._root_ino)
 
-    def _run(self, work: Callable[[Statements], object], durable: bool = False):
-        """One transaction. Unless `durable`, it may commit without waiting for the WAL
-        flush (when the engine relaxes commits): such changes become durable with the
-        next durable commit, as PostgreSQL flushes its WAL in order."""
-        return self._commit_counted(work, durable, transaction=True)
+    # ---- running statements ----------------------------------------------------------------
+
+    def _statements(self, work: Callable[[Statements], object], **options):
+        """run_statements, with every database error a DfsfsError (EIO with its SQLSTATE),
+        so that no caller meets a driver exception."""
+        try:
+            return run_statements(self.engine, work, **options)
+        except DBAPIError as error:
+            raise MetadataError(f"metadata database: {_first_line(error.orig)}",
+                                sqlstate(error)) from error
+
+    def _run(self, work: Callable[[Statements], object]):
+        """One transaction, committed without waiting for the WAL flush."""
+        result = self._statements(work, transaction=True)
+        self.durability.relaxed_commit()
+        return result
 
     def _call(self, sql: str, **params) -> list:
         """A change made by one statement (a server-side function): one round trip."""
-        return self._commit_counted(lambda conn: self._exec(conn, sql, **params).all(),
-                                    durable=False, transaction=False)
+        rows = self._statements(lambda conn: self._exec(conn, sql, **params).all(),
+                                transaction=False)
+        self.durability.relaxed_commit()
+        return rows
 
-    def _commit_counted(self, work, durable: bool, transaction: bool):
-        if not durable:
-            result = run_statements(self.engine, work, transaction=transaction)
-            self._relaxed_commits += 1
-            return result
-        covered = self._relaxed_commits
-        result = run_statements(self.engine, work, transaction=transaction, durable=True)
-        self._durable_up_to = max(self._durable_up_to, covered)
-        return result
+    def _call_durably(self, sql: str, **params) -> list:
+        """One statement committed durably, with every commit before it."""
+        return self.durability.durable_commit(lambda: self._statements(
+            lambda conn: self._exec(conn, sql, **params).all(), transaction=False, durable=True))
 
     def _read(self, work: Callable[[Statements], object]):
         """Statements that change nothing, each on its own (see Statements)."""
-        return run_statements(self.engine, work, transaction=False)
+        return self._statements(work, transaction=False)
 
-    @property
-    def has_relaxed_commits(self) -> bool:
-        """Whether some commit may not be on stable storage yet."""
-        return self._relaxed_commits > self._durable_up_to
-
-    def make_durable(self) -> None:
-        """fsync, fsyncdir and close: flush every commit made so far to stable storage."""
-        if self.has_relaxed_commits:  # a commit record, flushed with everything before it
-            self._commit_counted(lambda conn: self._exec(conn, "SELECT txid_current()"),
-                                 durable=True, transaction=False)
-
-    def _exec(self, conn: Statements, sql: str, **params) -> "_Result":
+    def _exec(self, conn: Statements, sql: str, **params) -> _Result:
         """Run one statement on the call's DBAPI connection (SQLAlchemy's statement layer
         costs more than the query itself on these short, hot statements)."""
-        if "uid" in params:
-            raise AssertionError("':uid' is reserved for the account id")
-        params["uid"] = self.user_id
+        params["account"] = self.account_id
+        params["session"] = self.session_id
         try:
             return _Result(conn.execute(_pyformat(sql), params))
         except DBAPIError as error:
-            refusal = _REFUSALS.get(sqlstate(error) or "")
-            if refusal is None:
+            code = sqlstate(error) or ""
+            if code not in _REFUSALS:
                 raise
-            raise refusal(error.orig.diag.message_primary) from None
+            raise _REFUSALS[code](error.orig.diag.message_primary) from None
 
     def _root_ino(self, conn: Statements) -> int:
-        root = self._exec(conn, "SELECT root_ino FROM users WHERE id = :uid").scalar()
+        root = self._exec(conn, "SELECT root_ino FROM users WHERE id = :account").scalar()
         if root is None:
-            raise NotFoundError(f"user {self.user_id} has no namespace")
+            raise NotFoundError(f"account {self.account_id} has no namespace")
         return root
+
+    # ---- durability ---------------------------------------------------------------------------
+
+    def flush_wal(self) -> None:
+        """Make every commit so far durable (a sync point with no chunk to settle)."""
+        if self.durability.behind:
+            self.settle([])
+
+    def settle(self, chunk_ids: list[int]) -> int:
+        """A sync point: these chunks' bytes are durable in the stores now. Committed
+        durably, so every earlier commit of this mount is durable with it."""
+        rows = self._call_durably(
+            "SELECT dfsfs_settle(:account, :session, CAST(:ids AS bigint[]))", ids=chunk_ids)
+        return rows[0][0]
 
     # ---- reading ----------------------------------------------------------------
 
@@ -252,7 +238,7 @@ class MetadataStore:
     def _get_attrs(self, conn: Statements, ino: int, lock: bool = False) -> Attrs:
         row = self._exec(
             conn,
-            f"SELECT {INODE_COLUMNS} FROM inodes i WHERE i.id = :ino AND i.user_id = :uid"
+            f"SELECT {INODE_COLUMNS} FROM inodes i WHERE i.id = :ino AND i.user_id = :account"
             + (" FOR UPDATE" if lock else ""),
             ino=ino,
         ).first()
@@ -267,7 +253,7 @@ class MetadataStore:
         row = self._exec(
             conn,
             f"SELECT {INODE_COLUMNS} FROM dentries d JOIN inodes i ON i.id = d.ino"
-            " WHERE d.parent_ino = :parent AND d.name = :name AND d.user_id = :uid",
+            " WHERE d.parent_ino = :parent AND d.name = :name AND d.user_id = :account",
             parent=parent_ino,
             name=name,
         ).first()
@@ -275,29 +261,34 @@ class MetadataStore:
             raise NotFoundError("no such entry")
         return _attrs(row)
 
-    def readdir(self, parent_ino: int, after_id: int, limit: int) -> list[tuple[int, bytes, Attrs]]:
-        """Entries of a directory in a stable order: (entry id, name, attrs)."""
-
-        def work(conn):
-            rows = self._exec(
-                conn,
-                f"SELECT {INODE_COLUMNS}, d.id, d.name FROM dentries d JOIN inodes i ON i.id = d.ino"
-                " WHERE d.parent_ino = :parent AND d.user_id = :uid AND d.id > :after"
-                " ORDER BY d.id LIMIT :limit",
-                parent=parent_ino,
-                after=after_id,
-                limit=limit,
-            ).all()
-            if not rows:
-                self._require_dir(conn, parent_ino)
-            return [(row[10], bytes(row[11]), _attrs(row)) for row in rows]
-
-        return self._read(work)
+    def readdir(self, dir_ino: int, after_id: int, limit: int
+                ) -> tuple[list[tuple[int, bytes, Attrs]], int | None]:
+        """Entries of a directory after entry id `after_id`, in a stable order (entry id,
+        name, attrs), and the directory's parent (for '..'; None for the root), in one
+        round trip."""
+        rows = self._read(lambda conn: self._exec(
+            conn,
+            f"SELECT dir.mode, dir.parent, {INODE_COLUMNS}, e.id, e.name FROM (SELECT"
+            "   (SELECT mode FROM inodes WHERE id = :dir AND user_id = :account) AS mode,"
+            "   (SELECT parent_ino FROM dentries WHERE ino = :dir AND user_id = :account LIMIT 1)"
+            "   AS parent) dir"
+            " LEFT JOIN LATERAL (SELECT d.id, d.name, d.ino FROM dentries d"
+            "   WHERE d.parent_ino = :dir AND d.user_id = :account AND d.id > :after"
+            "   ORDER BY d.id LIMIT :limit) e ON true"
+            " LEFT JOIN inodes i ON i.id = e.ino ORDER BY e.id",
+            dir=dir_ino, after=after_id, limit=limit).all())
+        mode, parent = rows[0][0], rows[0][1]
+        if mode is None:
+            raise NotFoundError(f"inode {dir_ino} does not exist")
+        if not stat_module.S_ISDIR(mode):
+            raise NotDirectoryError("not a directory")
+        entries = [(row[13], bytes(row[14]), _attrs(row[2:])) for row in rows if row[13] is not None]
+        return entries, parent
 
     def readlink(self, ino: int) -> bytes:
         def work(conn):
             target = self._exec(
-                conn, "SELECT target FROM inodes WHERE id = :ino AND user_id = :uid", ino=ino
+                conn, "SELECT target FROM inodes WHERE id = :ino AND user_id = :account", ino=ino
             ).scalar()
             if target is None:
                 raise InvalidArgumentError("not a symbolic link")
@@ -306,15 +297,16 @@ class MetadataStore:
         return self._read(work)
 
     def open_file(self, ino: int, map_up_to_size: int) -> tuple[Attrs, dict[int, ChunkRef] | None]:
-        """A file's attributes, and its chunk map too when the file is at most that large."""
-
-        def work(conn):
-            attrs = self._get_attrs(conn, ino)
-            if attrs.size > map_up_to_size:
-                return attrs, None
-            return attrs, self._chunk_map(conn, ino)
-
-        return self._read(work)
+        """Open a file for this session (which then holds it: it stays readable here when
+        its names go): its attributes, and its chunk map when it is at most that large."""
+        row = self._call(
+            f"SELECT {NODE_COLUMNS}, r.indices, r.digests, r.sizes"
+            " FROM dfsfs_open(:account, :session, :ino, :up_to) AS r, LATERAL (SELECT (r.node).*) node",
+            ino=ino, up_to=map_up_to_size)[0]
+        if row[11] is None:
+            return _attrs(row), None
+        return _attrs(row), {index: ChunkRef(bytes(digest), size)
+                             for index, digest, size in zip(row[11], row[12], row[13])}
 
     def chunk_map(self, ino: int) -> dict[int, ChunkRef]:
         """Every stored chunk of a file by chunk index; absent indices are holes."""
@@ -325,7 +317,7 @@ class MetadataStore:
             conn,
             "SELECT fc.index, c.sha256, c.size FROM file_chunks fc"
             " JOIN chunks c ON c.id = fc.chunk_id"
-            " WHERE fc.ino = :ino AND fc.user_id = :uid",
+            " WHERE fc.ino = :ino AND fc.user_id = :account",
             ino=ino,
         )
         return {index: ChunkRef(bytes(digest), size) for index, digest, size in rows}
@@ -336,7 +328,7 @@ class MetadataStore:
                 conn,
                 "SELECT u.files, u.directories, u.symlinks, u.logical_bytes, u.chunks,"
                 " u.stored_bytes, a.quota_bytes, a.quota_inodes"
-                " FROM usage u JOIN users a ON a.id = u.user_id WHERE u.user_id = :uid",
+                " FROM usage u JOIN users a ON a.id = u.user_id WHERE u.user_id = :account",
             ).one()
             return Usage(*row)
 
@@ -350,23 +342,16 @@ class MetadataStore:
 
     # ---- namespace changes --------------------------------------------------------
 
-    def make_node(
-        self,
-        parent_ino: int,
-        name: bytes,
-        mode: int,
-        uid: int,
-        gid: int,
-        now_ns: int,
-        rdev: int = 0,
-        target: bytes | None = None,
-    ) -> Attrs:
-        """Create a file, directory, symlink or special file named `name` in a directory."""
+    def make_node(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
+                  now_ns: int, rdev: int = 0, target: bytes | None = None,
+                  hold: bool = False) -> Attrs:
+        """Create a file, directory, symlink or special file named `name` in a directory;
+        with `hold`, this session holds it (a file created open)."""
         row, = self._call(
-            f"SELECT {NODE_COLUMNS} FROM dfsfs_make_node(:uid, :parent, :name, :mode, :owner,"
-            " :group, :now, :rdev, :target) AS node",
+            f"SELECT {NODE_COLUMNS} FROM dfsfs_make_node(:account, :session, :parent, :name,"
+            " :mode, :owner, :group, :now, :rdev, :target, :hold) AS node",
             parent=parent_ino, name=name, mode=mode, owner=uid, group=gid, now=now_ns,
-            rdev=rdev, target=target,
+            rdev=rdev, target=target, hold=hold,
         )
         return _attrs(row)
 
@@ -383,7 +368,7 @@ class MetadataStore:
             row = self._exec(
                 conn,
                 f"UPDATE inodes i SET nlink = nlink + 1, ctime_ns = :now"
-                f" WHERE id = :ino AND user_id = :uid RETURNING {INODE_COLUMNS}",
+                f" WHERE id = :ino AND user_id = :account RETURNING {INODE_COLUMNS}",
                 ino=ino,
                 now=now_ns,
             ).one()
@@ -391,48 +376,44 @@ class MetadataStore:
 
         return self._run(work)
 
-    def unlink(self, parent_ino: int, name: bytes, now_ns: int, *, directory: bool,
-               open_inos: Container[int] = ()) -> Removal:
-        """Remove a name (rmdir when `directory`).
-
-        An inode whose nlink drops to 0 is purged in the same transaction unless it is in
-        `open_inos`: then it stays, readable through its open handles, until `purge`.
-        """
-        result, = self.unlink_each([QueuedRemoval(parent_ino, name, now_ns, directory)], open_inos)
-        if isinstance(result, DfsfsError):
-            raise result
-        return result
-
-    def unlink_each(self, removals: list[QueuedRemoval],
-                    open_inos: Container[int] = ()) -> list[Removal | DfsfsError]:
-        """Remove many names, each as `unlink` would, in order, in one call; a name that
-        cannot be removed gets its error in its place and the rest go on."""
+    def unlink_each(self, removals: list[QueuedRemoval]) -> list[Attrs | DfsfsError]:
+        """Remove many names, in order, in one call (rmdir for `directory` ones). Each
+        gets the removed inode's attributes after (nlink 0: no name left; this session
+        then holds it until `release_inodes`), or its error; the rest go on."""
         rows = self._call(
-            f"SELECT r.refusal, {REMOVAL_COLUMNS} FROM dfsfs_unlink_each(:uid,"
+            f"SELECT r.refusal, {NODE_COLUMNS} FROM dfsfs_unlink_each(:account, :session,"
             " CAST(:parents AS bigint[]), CAST(:names AS bytea[]), CAST(:times AS bigint[]),"
-            " CAST(:directories AS boolean[]), CAST(:open AS bigint[])) AS r ORDER BY r.item",
+            " CAST(:directories AS boolean[])) AS r, LATERAL (SELECT (r.node).*) node"
+            " ORDER BY r.item",
             parents=[r.parent_ino for r in removals], names=[r.name for r in removals],
             times=[r.now_ns for r in removals], directories=[r.directory for r in removals],
-            open=list(open_inos),
         )
-        return [_removal(row[1:]) if row[0] is None else _refusal(row[0]) for row in rows]
+        return [_attrs(row[1:]) if row[0] is None else refusal(row[0]) for row in rows]
 
-    def _remove_link(self, conn: Statements, target: Attrs, now_ns: int,
-                     open_inos: Container[int]) -> Removal:
-        """The target's dentry was just removed: one link less, purged when none is left."""
+    def release_inodes(self, inos: list[int]) -> tuple[list[int], list[ReclaimableChunk]]:
+        """This session no longer holds these inodes; those with no name and no live
+        holder are purged. Returns the purged inodes and the chunks left without references."""
+        row, = self._call(
+            "SELECT r.purged, r.chunk_ids, r.digests"
+            " FROM dfsfs_release_inodes(:account, :session, CAST(:inos AS bigint[])) AS r",
+            inos=inos)
+        return list(row[0]), _chunks(row[1], row[2])
+
+    def _remove_link(self, conn: Statements, target: Attrs, now_ns: int) -> Attrs:
+        """The target's dentry was just removed: one link less; an inode left without
+        names is held by this session until `release_inodes`."""
         row = self._exec(
             conn,
-            f"SELECT {REMOVAL_COLUMNS} FROM dfsfs_remove_link(:uid, :ino, :now,"
-            " CAST(:open AS bigint[])) AS r",
-            ino=target.ino, now=now_ns, open=list(open_inos),
+            f"SELECT {NODE_COLUMNS} FROM dfsfs_remove_link(:account, :session, :ino, :now) AS node",
+            ino=target.ino, now=now_ns,
         ).one()
-        return _removal(row)
+        return _attrs(row)
 
     def _has_entries(self, conn: Statements, ino: int) -> bool:
         return (
             self._exec(
                 conn,
-                "SELECT 1 FROM dentries WHERE parent_ino = :ino AND user_id = :uid LIMIT 1",
+                "SELECT 1 FROM dentries WHERE parent_ino = :ino AND user_id = :account LIMIT 1",
                 ino=ino,
             ).first()
             is not None
@@ -446,9 +427,8 @@ class MetadataStore:
         new_name: bytes,
         flags: int,
         now_ns: int,
-        open_inos: Container[int] = (),
-    ) -> Removal | None:
-        """Rename atomically; returns what happened to a replaced inode (see `unlink`)."""
+    ) -> Attrs | None:
+        """Rename atomically; returns a replaced inode's attributes after (see `unlink_each`)."""
 
         def work(conn):
             source = self._lookup(conn, old_parent_ino, old_name)
@@ -471,13 +451,13 @@ class MetadataStore:
                 self._check_replaceable(conn, source, target)
                 self._exec(
                     conn,
-                    "DELETE FROM dentries WHERE parent_ino = :parent AND name = :name AND user_id = :uid",
+                    "DELETE FROM dentries WHERE parent_ino = :parent AND name = :name AND user_id = :account",
                     parent=new_parent_ino,
                     name=new_name,
                 )
                 if target.is_dir:
                     self._touch_dir(conn, new_parent_ino, now_ns, nlink_delta=-1)
-                replaced = self._remove_link(conn, target, now_ns, open_inos)
+                replaced = self._remove_link(conn, target, now_ns)
             self._move_dentry(conn, old_parent_ino, old_name, new_parent_ino, new_name)
             self._touch_parents_after_move(conn, source, old_parent_ino, new_parent_ino, now_ns)
             return replaced
@@ -499,7 +479,7 @@ class MetadataStore:
             "WITH RECURSIVE up(ino) AS ("
             "  SELECT CAST(:start AS bigint)"
             "  UNION SELECT d.parent_ino FROM dentries d JOIN up ON d.ino = up.ino"
-            "  WHERE d.user_id = :uid)"
+            "  WHERE d.user_id = :account)"
             " SELECT 1 FROM up WHERE ino = :dir LIMIT 1",
             start=new_parent_ino,
             dir=dir_ino,
@@ -511,7 +491,7 @@ class MetadataStore:
         self._exec(
             conn,
             "UPDATE dentries SET parent_ino = :new_parent, name = :new_name"
-            " WHERE parent_ino = :old_parent AND name = :old_name AND user_id = :uid",
+            " WHERE parent_ino = :old_parent AND name = :old_name AND user_id = :account",
             old_parent=old_parent_ino,
             old_name=old_name,
             new_parent=new_parent_ino,
@@ -536,7 +516,7 @@ class MetadataStore:
             self._exec(
                 conn,
                 "UPDATE dentries SET ino = :ino WHERE parent_ino = :parent AND name = :name"
-                " AND user_id = :uid",
+                " AND user_id = :account",
                 parent=parent, name=name, ino=ino,
             )
         if old_parent_ino != new_parent_ino:
@@ -549,7 +529,7 @@ class MetadataStore:
     def _insert_dentry(self, conn: Statements, parent_ino: int, name: bytes, ino: int) -> None:
         inserted = self._exec(
             conn,
-            "INSERT INTO dentries (user_id, parent_ino, name, ino) VALUES (:uid, :parent, :name, :ino)"
+            "INSERT INTO dentries (user_id, parent_ino, name, ino) VALUES (:account, :parent, :name, :ino)"
             " ON CONFLICT (parent_ino, name) DO NOTHING RETURNING id",
             parent=parent_ino,
             name=name,
@@ -563,21 +543,13 @@ class MetadataStore:
         self._exec(
             conn,
             "UPDATE inodes SET mtime_ns = :now, ctime_ns = :now, nlink = nlink + :delta"
-            " WHERE id = :ino AND user_id = :uid",
+            " WHERE id = :ino AND user_id = :account",
             ino=ino, now=now_ns, delta=nlink_delta,
         )
 
-    def _count(self, conn: Statements, **deltas: int) -> None:
-        """Add each delta to its usage counter."""
-        deltas = {column: delta for column, delta in deltas.items() if delta}
-        if not deltas:
-            return
-        increments = ", ".join(f"{column} = {column} + :{column}" for column in deltas)
-        self._exec(conn, f"UPDATE usage SET {increments} WHERE user_id = :uid", **deltas)
-
     def _touch_inode(self, conn: Statements, ino: int, now_ns: int) -> None:
         """Its status changed (name, xattrs): a new ctime."""
-        self._exec(conn, "UPDATE inodes SET ctime_ns = :now WHERE id = :ino AND user_id = :uid",
+        self._exec(conn, "UPDATE inodes SET ctime_ns = :now WHERE id = :ino AND user_id = :account",
                    ino=ino, now=now_ns)
 
     # ---- attributes ----------------------------------------------------------------
@@ -588,11 +560,10 @@ class MetadataStore:
         if not set(changes) <= allowed:
             raise InvalidArgumentError(f"cannot set {sorted(set(changes) - allowed)}")
 
-        # ':uid' is the account in every statement: new values get their own names.
         assignments = "".join(f", {column} = :new_{column}" for column in changes)
         rows = self._call(
             f"UPDATE inodes i SET ctime_ns = :now{assignments}"
-            f" WHERE id = :ino AND user_id = :uid RETURNING {INODE_COLUMNS}",
+            f" WHERE id = :ino AND user_id = :account RETURNING {INODE_COLUMNS}",
             ino=ino,
             now=now_ns,
             **{f"new_{column}": value for column, value in changes.items()},
@@ -601,117 +572,118 @@ class MetadataStore:
             raise NotFoundError(f"inode {ino} does not exist")
         return _attrs(rows[0])
 
-    # ---- file contents ---------------------------------------------------------------
+    # ---- storing and committing file contents ----------------------------------------------
 
-    def commit_file(
-        self,
-        ino: int,
-        new_chunks: dict[int, ChunkRef | None],
-        size: int,
-        changes: Mapping[str, int] | None = None,
-        drop_from_index: int | None = None,
-        before_commit: Callable[[list[bytes]], None] | None = None,
-    ) -> list[ReclaimableChunk]:
-        """Point chunk indices at stored chunks (None = hole), set size and `changes`
-        (any of mtime_ns, ctime_ns, atime_ns, mode, uid, gid).
+    def reserve_chunks(self, digests: list[bytes], sizes: list[int]) -> list[Reservation]:
+        """A hold on each chunk for each use listed (see Reservation)."""
+        rows = self._call(
+            "SELECT r.digest, r.chunk_id, r.must_store FROM dfsfs_reserve_chunks(:account,"
+            " :session, CAST(:digests AS bytea[]), CAST(:sizes AS integer[])) AS r",
+            digests=digests, sizes=sizes)
+        return [Reservation(bytes(digest), chunk_id, must_store)
+                for digest, chunk_id, must_store in rows]
 
-        The chunks in `new_chunks` must be durable in the chunk stores before the
-        transaction commits (invariant 1): `before_commit(digests)` is called inside it,
-        holding the chunk rows' locks, just before COMMIT, with the digests that had no
-        reference before. A concurrent reclaim may have deleted their bytes, so the
-        caller re-stores them. It may also finish storing the new chunks then: an
-        exception from it aborts the commit.
-        Indices >= `drop_from_index` lose their chunks (truncation).
-        Returns the chunks left without references, for `reclaim` after the commit.
-        """
+    def drop_holds(self, chunk_ids: list[int]) -> list[ReclaimableChunk]:
+        """Give up one use of a hold per entry (stored, then overwritten before a commit)."""
+        row, = self._call(
+            "SELECT r.chunk_ids, r.digests FROM dfsfs_drop_holds(:account, :session,"
+            " CAST(:ids AS bigint[])) AS r", ids=chunk_ids)
+        return _chunks(*row)
 
-        indices = sorted(new_chunks)
-        refs = [new_chunks[index] for index in indices]
-        changes = dict(changes or {})
-        if not set(changes) <= COMMITTED_ATTRIBUTES:
-            raise InvalidArgumentError(f"cannot set {sorted(set(changes) - COMMITTED_ATTRIBUTES)}")
+    def commit_files(self, commits: list[FileCommit]
+                     ) -> tuple[list[DfsfsError | None], list[ReclaimableChunk]]:
+        """Commit files in one call, in order (see dfsfs_commit_files): each one's error
+        or None, and the chunks left without references."""
+        chunk_file, indices, chunk_ids = [], [], []
+        for number, commit in enumerate(commits, start=1):
+            for index, chunk_id in sorted(commit.chunks.items()):
+                chunk_file.append(number)
+                indices.append(index)
+                chunk_ids.append(chunk_id)
+        changes = [commit.changes or {} for commit in commits]
+        unknown = {name for change in changes for name in change} - set(COMMITTED_ATTRIBUTES)
+        if unknown:
+            raise InvalidArgumentError(f"cannot set {sorted(unknown)}")
+        row, = self._call(
+            "SELECT r.refusals, r.chunk_ids, r.digests FROM dfsfs_commit_files(:account, :session,"
+            " CAST(:inos AS bigint[]), CAST(:sizes AS bigint[]), CAST(:drop_from AS bigint[]),"
+            " CAST(:mtimes AS bigint[]), CAST(:ctimes AS bigint[]), CAST(:atimes AS bigint[]),"
+            " CAST(:modes AS integer[]), CAST(:uids AS integer[]), CAST(:gids AS integer[]),"
+            " CAST(:chunk_file AS integer[]), CAST(:indices AS bigint[]),"
+            " CAST(:chunk_ids AS bigint[])) AS r",
+            inos=[c.ino for c in commits], sizes=[c.size for c in commits],
+            drop_from=[c.drop_from_index for c in commits],
+            mtimes=[c.get("mtime_ns") for c in changes], ctimes=[c.get("ctime_ns") for c in changes],
+            atimes=[c.get("atime_ns") for c in changes], modes=[c.get("mode") for c in changes],
+            uids=[c.get("uid") for c in changes], gids=[c.get("gid") for c in changes],
+            chunk_file=chunk_file, indices=indices, chunk_ids=chunk_ids,
+        )
+        return [None if code is None else refusal(code) for code in row[0]], _chunks(row[1], row[2])
 
-        def work(conn):
-            reclaimable_ids, reclaimable_digests, unreferenced = self._exec(
-                conn,
-                "SELECT r.chunk_ids, r.digests, r.unreferenced FROM dfsfs_commit_file(:uid, :ino,"
-                " CAST(:indices AS bigint[]), CAST(:digests AS bytea[]), CAST(:sizes AS integer[]),"
-                " :size, :drop_from, :mtime, :ctime, :atime, :mode, :owner, :group) AS r",
-                ino=ino,
-                indices=indices,
-                digests=[None if ref is None else ref.digest for ref in refs],
-                sizes=[None if ref is None else ref.size for ref in refs],
-                size=size,
-                drop_from=drop_from_index,
-                mtime=changes.get("mtime_ns"),
-                ctime=changes.get("ctime_ns"),
-                atime=changes.get("atime_ns"),
-                mode=changes.get("mode"),
-                owner=changes.get("uid"),
-                group=changes.get("gid"),
-            ).one()
-            if before_commit is not None:
-                before_commit([bytes(digest) for digest in unreferenced])  # rows locked meanwhile
-            return _reclaimable(reclaimable_ids, reclaimable_digests)
+    # ---- deleting chunk bytes ---------------------------------------------------------------
 
-        return self._run(work, durable=True)
+    def claim_reclaim(self, chunk_ids: list[int]) -> list[ReclaimableChunk]:
+        """Mark chunks with no reference and no hold as being deleted by this session,
+        durably (with every commit before, so the drop of their last reference too):
+        only then may their bytes go (invariant 2). Returns those marked."""
+        rows = self._call_durably(
+            "SELECT r.chunk_id, r.digest FROM dfsfs_claim_reclaim(:account, :session,"
+            " CAST(:ids AS bigint[])) AS r", ids=sorted(set(chunk_ids)))
+        return [ReclaimableChunk(chunk_id, bytes(digest)) for chunk_id, digest in rows]
 
-    def reclaim(self, chunk_ids: Iterable[int], delete_bytes: Callable[[list[bytes]], None]) -> int:
-        """Delete chunks that still have no reference: bytes first, then the rows.
+    def claim_orphan(self, digest: bytes) -> list[ReclaimableChunk]:
+        """fsck: claim bytes no chunk row names for deletion (see dfsfs_claim_orphan)."""
+        rows = self._call_durably(
+            "SELECT r.chunk_id, r.digest FROM dfsfs_claim_orphan(:account, :session, :digest) AS r",
+            digest=digest)
+        return [ReclaimableChunk(chunk_id, bytes(found)) for chunk_id, found in rows]
 
-        The rows stay locked while `delete_bytes` runs, so a writer that references
-        one of these chunks again waits and then re-stores it (invariant 2).
-        """
-        ids = sorted(set(chunk_ids))
-        if not ids:
-            return 0
-        self.make_durable()  # the commit that dropped the references must outlive the bytes
+    def finish_reclaim(self, chunk_ids: list[int]) -> int:
+        """The bytes of these claimed chunks are gone: drop their rows."""
+        rows = self._call("SELECT dfsfs_finish_reclaim(:account, :session, CAST(:ids AS bigint[]))",
+                          ids=chunk_ids)
+        return rows[0][0]
 
-        def work(conn):
-            rows = self._exec(
-                conn,
-                "SELECT id, sha256, size FROM chunks WHERE id = ANY(CAST(:ids AS bigint[]))"
-                " AND user_id = :uid AND refcount = 0 ORDER BY id FOR UPDATE SKIP LOCKED",
-                ids=ids,
-            ).all()
-            if not rows:
-                return 0
-            delete_bytes([bytes(digest) for _, digest, _ in rows])
-            self._exec(
-                conn,
-                "DELETE FROM chunks WHERE id = ANY(CAST(:ids AS bigint[])) AND user_id = :uid",
-                ids=[row[0] for row in rows],
-            )
-            self._count(conn, chunks=-len(rows), stored_bytes=-sum(row[2] for row in rows))
-            return len(rows)
+    # ---- sessions and recovery --------------------------------------------------------------
 
-        return self._run(work)
+    def recover(self) -> Recovery:
+        """Settle what ended sessions of the account left behind (see dfsfs_recover)."""
+        row, = self._call(
+            "SELECT r.ended, r.purged, r.reclaim_ids, r.reclaim_digests, r.unsettled_ids,"
+            " r.unsettled_digests, r.deleting_ids, r.deleting_digests"
+            " FROM dfsfs_recover(:account) AS r")
+        return Recovery(row[0], list(row[1]), _chunks(row[2], row[3]), _chunks(row[4], row[5]),
+                        _chunks(row[6], row[7]))
 
-    def purge(self, ino: int) -> list[ReclaimableChunk]:
-        """Remove an inode whose last link is gone, with its chunk references and xattrs."""
+    def take_over_deletion(self, chunk_ids: list[int]) -> list[ReclaimableChunk]:
+        rows = self._call_durably(
+            "SELECT r.chunk_id, r.digest FROM dfsfs_take_over_deletion(:account, :session,"
+            " CAST(:ids AS bigint[])) AS r", ids=chunk_ids)
+        return [ReclaimableChunk(chunk_id, bytes(digest)) for chunk_id, digest in rows]
 
-        def work(conn):
-            try:
-                attrs = self._get_attrs(conn, ino, lock=True)
-            except NotFoundError:
-                return []
-            if attrs.nlink > 0:
-                return []
-            row = self._exec(
-                conn, "SELECT r.chunk_ids, r.digests FROM dfsfs_purge(:uid, :ino) AS r", ino=ino,
-            ).one()
-            return _reclaimable(*row)
+    def cut_lost(self, chunk_size: int, chunk_ids: list[int]) -> list[tuple[int, int, int]]:
+        """Files naming chunks whose bytes did not survive are cut back to before the first
+        of them (recorded as damage): (ino, old size, new size) of each."""
+        rows = self._call_durably(
+            "SELECT r.ino, r.old_size, r.new_size FROM dfsfs_cut_lost(:account, :chunk_size,"
+            " CAST(:ids AS bigint[])) AS r", chunk_size=chunk_size, ids=chunk_ids)
+        return [tuple(row) for row in rows]
 
-        return self._run(work)
+    def sessions_on_host(self, host: str) -> list[tuple[int, int, str | None, int | None]]:
+        """(id, pid, boot id, process start) of this account's sessions on `host` not ended."""
+        return self._read(lambda conn: [tuple(row) for row in self._exec(
+            conn, "SELECT id, pid, boot_id, process_start FROM sessions WHERE user_id = :account"
+            " AND host = :host AND ended_at IS NULL AND id <> :session", host=host)])
 
-    def unlinked_inodes(self) -> list[int]:
-        """Inodes with no name left (a crashed mount may not have purged them)."""
+    def end_sessions(self, session_ids: list[int], reason: str) -> int:
+        rows = self._call("SELECT dfsfs_end_sessions(:account, CAST(:ids AS bigint[]), :reason)",
+                          ids=session_ids, reason=reason)
+        return rows[0][0]
 
-        def work(conn):
-            rows = self._exec(conn, "SELECT id FROM inodes WHERE user_id = :uid AND nlink = 0")
-            return [ino for (ino,) in rows]
-
-        return self._read(work)
+    def renew_session(self, ttl_s: float) -> None:
+        self._call("UPDATE sessions SET heartbeat_at = now(),"
+                   " expires_at = now() + make_interval(secs => :ttl)"
+                   " WHERE id = :session AND user_id = :account AND ended_at IS NULL", ttl=ttl_s)
 
     # ---- extended attributes -------------------------------------------------------
 
@@ -719,7 +691,7 @@ class MetadataStore:
         def work(conn):
             value = self._exec(
                 conn,
-                "SELECT value FROM xattrs WHERE ino = :ino AND name = :name AND user_id = :uid",
+                "SELECT value FROM xattrs WHERE ino = :ino AND name = :name AND user_id = :account",
                 ino=ino,
                 name=name,
             ).scalar()
@@ -734,7 +706,7 @@ class MetadataStore:
         def work(conn):
             self._get_attrs(conn, ino)
             rows = self._exec(
-                conn, "SELECT name FROM xattrs WHERE ino = :ino AND user_id = :uid ORDER BY name",
+                conn, "SELECT name FROM xattrs WHERE ino = :ino AND user_id = :account ORDER BY name",
                 ino=ino,
             )
             return [bytes(name) for (name,) in rows]
@@ -746,7 +718,7 @@ class MetadataStore:
             self._get_attrs(conn, ino, lock=True)
             exists = self._exec(
                 conn,
-                "SELECT 1 FROM xattrs WHERE ino = :ino AND name = :name AND user_id = :uid",
+                "SELECT 1 FROM xattrs WHERE ino = :ino AND name = :name AND user_id = :account",
                 ino=ino,
                 name=name,
             ).first() is not None
@@ -756,7 +728,7 @@ class MetadataStore:
                 raise NoAttributeError("no such attribute")
             self._exec(
                 conn,
-                "INSERT INTO xattrs (user_id, ino, name, value) VALUES (:uid, :ino, :name, :value)"
+                "INSERT INTO xattrs (user_id, ino, name, value) VALUES (:account, :ino, :name, :value)"
                 " ON CONFLICT (ino, name) DO UPDATE SET value = EXCLUDED.value",
                 ino=ino,
                 name=name,
@@ -770,7 +742,7 @@ class MetadataStore:
         def work(conn):
             deleted = self._exec(
                 conn,
-                "DELETE FROM xattrs WHERE ino = :ino AND name = :name AND user_id = :uid",
+                "DELETE FROM xattrs WHERE ino = :ino AND name = :name AND user_id = :account",
                 ino=ino,
                 name=name,
             ).rowcount
@@ -781,6 +753,12 @@ class MetadataStore:
 
         self._run(work)
 
+    def chunk_referenced(self, digest: bytes) -> bool:
+        """Whether a file references (or a session holds) the chunk with this digest."""
+        return self._read(lambda conn: self._exec(
+            conn, "SELECT 1 FROM chunks WHERE user_id = :account AND sha256 = :digest"
+            " AND refcount > 0", digest=digest).first() is not None)
+
     # ---- damage records --------------------------------------------------------------
 
     def record_damage(self, digest: bytes, store: str, kind: str, repaired: bool, detail: str) -> None:
@@ -788,7 +766,7 @@ class MetadataStore:
             self._exec(
                 conn,
                 "INSERT INTO damage (user_id, sha256, store, kind, repaired_at, detail)"
-                " VALUES (:uid, :digest, :store, :kind,"
+                " VALUES (:account, :digest, :store, :kind,"
                 " CASE WHEN :repaired THEN now() END, :detail)",
                 digest=digest,
                 store=store,
@@ -798,3 +776,19 @@ class MetadataStore:
             )
 
         self._run(work)
+
+
+def open_session(engine: Engine, account_id: int, host: str, pid: int, boot_id: str | None,
+                 process_start: int | None, ttl_s: float) -> int:
+    """A new session of the account (a mount), alive for `ttl_s` unless renewed."""
+
+    def work(conn: Statements) -> int:
+        return conn.execute(
+            "INSERT INTO sessions (user_id, host, pid, boot_id, process_start, expires_at)"
+            " VALUES (%(account)s, %(host)s, %(pid)s, %(boot)s, %(start)s,"
+            " now() + make_interval(secs => %(ttl)s)) RETURNING id",
+            {"account": account_id, "host": host, "pid": pid, "boot": boot_id,
+             "start": process_start, "ttl": ttl_s},
+        ).fetchone()[0]
+
+    return run_statements(engine, work, transaction=False)

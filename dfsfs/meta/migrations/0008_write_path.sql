@@ -1,0 +1,718 @@
+-- Migration 8: the write path as ARCHITECTURE's "Durability" section decides it.
+--
+-- A mount stores a chunk in three steps, none of them holding a transaction open while
+-- chunk bytes move: (1) dfsfs_reserve_chunks takes a hold on the chunk row (creating it
+-- if new) and says whether the bytes must be put; (2) the mount puts them; (3)
+-- dfsfs_commit_files turns holds into file references. A hold abandoned before its commit
+-- (the chunk was overwritten again) is dropped at once, so a chunk stored but never
+-- committed is released at once (invariant 5). A chunk's bytes are deleted only after
+-- dfsfs_claim_reclaim has marked its row (refcount 0, no hold) durably as being deleted;
+-- a reservation meeting such a row waits for the deletion to finish (invariant 2).
+--
+-- Bytes put by a mount are not durable until the mount's next sync point (the commit
+-- interval, fsync, unmount): until then the chunk row says `settled = false` and names
+-- the session that put it, so that after a power cut the next mount or fsck finds the
+-- references whose bytes did not survive and cuts their files back (invariant 1).
+--
+-- Inodes whose last name is gone stay while a live session holds them (a mount has them
+-- open, or its kernel still references them) and are purged by the last release.
+-- Sessions that end without releasing (a killed daemon, a machine gone) are settled by
+-- dfsfs_recover at the next mount of the account, or by fsck.
+--
+-- Every function runs as its caller (SECURITY INVOKER): row-level security scopes it.
+-- Refusals are SQLSTATE 'DF' + errno (raised), or returned as such a code where a batch
+-- goes on past a refused item.
+
+-- ---- tables ------------------------------------------------------------------------------
+
+ALTER TABLE chunks
+    ADD COLUMN settled boolean NOT NULL DEFAULT true,  -- bytes durable in the stores
+    ADD COLUMN unsettled_by bigint,  -- the session whose sync point settles them
+    ADD COLUMN deleting_by bigint;  -- the session deleting the bytes (refcount 0)
+COMMENT ON COLUMN chunks.refcount IS
+    'file_chunks rows naming the chunk plus holds (chunk_holds) of sessions storing it';
+CREATE INDEX chunks_unsettled ON chunks (user_id) WHERE NOT settled;
+
+-- Bytes of chunks a file's contents take (holes take none): st_blocks.
+ALTER TABLE inodes ADD COLUMN stored_bytes bigint NOT NULL DEFAULT 0;
+UPDATE inodes i SET stored_bytes = t.bytes
+  FROM (SELECT fc.ino, sum(c.size) AS bytes FROM file_chunks fc JOIN chunks c ON c.id = fc.chunk_id
+         GROUP BY fc.ino) t
+ WHERE i.id = t.ino;
+CREATE INDEX chunks_deleting ON chunks (user_id) WHERE deleting_by IS NOT NULL;
+
+-- Chunks a session reserved and has not committed yet; each counts in chunks.refcount.
+CREATE TABLE chunk_holds (
+    session_id bigint NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    chunk_id bigint NOT NULL REFERENCES chunks(id),
+    user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    uses integer NOT NULL CHECK (uses >= 0),  -- file chunks it may still point at (0: going)
+    PRIMARY KEY (session_id, chunk_id)
+);
+CREATE INDEX chunk_holds_chunk ON chunk_holds (chunk_id);
+
+-- Inodes a session holds: open in that mount, or still referenced by its kernel. An
+-- inode without names is purged only when no live session holds it.
+CREATE TABLE inode_holds (
+    ino bigint NOT NULL REFERENCES inodes(id) ON DELETE CASCADE,
+    session_id bigint NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    PRIMARY KEY (ino, session_id)
+);
+CREATE INDEX inode_holds_session ON inode_holds (session_id);
+
+ALTER TABLE chunk_holds ENABLE ROW LEVEL SECURITY;
+ALTER TABLE chunk_holds FORCE ROW LEVEL SECURITY;
+CREATE POLICY chunk_holds_by_user ON chunk_holds
+    USING (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()))
+    WITH CHECK (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()));
+ALTER TABLE inode_holds ENABLE ROW LEVEL SECURITY;
+ALTER TABLE inode_holds FORCE ROW LEVEL SECURITY;
+CREATE POLICY inode_holds_by_user ON inode_holds
+    USING (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()))
+    WITH CHECK (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()));
+
+-- ---- the functions of migration 4 this replaces ------------------------------------------
+
+DROP FUNCTION dfsfs_unlink_each(bigint, bigint[], bytea[], bigint[], boolean[], bigint[]);
+DROP FUNCTION dfsfs_unlink(bigint, bigint, bytea, bigint, boolean, bigint[]);
+DROP FUNCTION dfsfs_remove_link(bigint, bigint, bigint, bigint[]);
+DROP FUNCTION dfsfs_purge(bigint, bigint);
+DROP FUNCTION dfsfs_release_chunks(bigint, bigint[]);
+DROP FUNCTION dfsfs_make_node(bigint, bigint, bytea, integer, integer, integer, bigint, bigint, bytea);
+DROP FUNCTION dfsfs_commit_file(bigint, bigint, bigint[], bytea[], integer[], bigint, bigint,
+                                bigint, bigint, bigint, integer, integer, integer);
+
+-- ---- sessions ----------------------------------------------------------------------------
+
+CREATE FUNCTION dfsfs_session_live(p_session bigint) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT 1 FROM sessions
+                    WHERE id = p_session AND ended_at IS NULL AND expires_at > now())
+$$;
+
+-- ---- chunk references ----------------------------------------------------------------------
+
+CREATE FUNCTION dfsfs_release_chunks(
+    p_account bigint, p_chunk_ids bigint[], OUT chunk_ids bigint[], OUT digests bytea[])
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- One reference (or hold) less per use; the chunks left with none are returned for
+-- reclaim. One primary-key update per chunk, in id order (a fixed lock order).
+DECLARE
+    dropped record;
+    released record;
+BEGIN
+    chunk_ids := '{}';
+    digests := '{}';
+    FOR dropped IN
+        SELECT id, count(*) AS n FROM unnest(p_chunk_ids) AS id
+         WHERE id IS NOT NULL GROUP BY id ORDER BY id
+    LOOP
+        UPDATE chunks SET refcount = refcount - dropped.n
+         WHERE id = dropped.id AND user_id = p_account AND refcount - dropped.n >= 0
+        RETURNING id, sha256, refcount INTO released;
+        IF FOUND AND released.refcount = 0 THEN
+            chunk_ids := chunk_ids || released.id;
+            digests := digests || released.sha256;
+        END IF;
+    END LOOP;
+END $$;
+
+CREATE FUNCTION dfsfs_reserve_chunks(
+    p_account bigint, p_session bigint, p_digests bytea[], p_sizes integer[])
+RETURNS TABLE (digest bytea, chunk_id bigint, must_store boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- A hold for every use of every digest (one use per file chunk that will point at it).
+-- must_store: the bytes may be absent or not yet durable, so the caller puts them (and
+-- settles them at its next sync point). A chunk whose bytes a live session is deleting
+-- right now comes back with chunk_id NULL: ask again in a moment. One whose deleting
+-- session died is taken over (its bytes may be half deleted: they are stored again).
+DECLARE
+    wanted record;
+    reserved_id bigint;
+    reserved_size integer;
+    is_settled boolean;
+    inserted boolean;
+BEGIN
+    FOR wanted IN
+        SELECT d, min(s) AS s, count(*)::integer AS n FROM unnest(p_digests, p_sizes) AS t(d, s)
+         GROUP BY d ORDER BY d
+    LOOP
+        INSERT INTO chunks AS c (user_id, sha256, size, refcount, settled, unsettled_by)
+        VALUES (p_account, wanted.d, wanted.s, wanted.n, false, p_session)
+        ON CONFLICT (user_id, sha256) DO UPDATE
+           SET refcount = c.refcount + EXCLUDED.refcount,
+               settled = c.settled AND c.deleting_by IS NULL,
+               unsettled_by = CASE WHEN c.settled AND c.deleting_by IS NULL THEN NULL
+                                   ELSE p_session END,
+               deleting_by = NULL
+         WHERE c.deleting_by IS NULL OR NOT dfsfs_session_live(c.deleting_by)
+        RETURNING c.id, c.size, c.settled, (c.xmax = 0)
+             INTO reserved_id, reserved_size, is_settled, inserted;
+        digest := wanted.d;
+        IF NOT FOUND THEN
+            chunk_id := NULL;
+            must_store := true;
+            RETURN NEXT;
+            CONTINUE;
+        END IF;
+        IF inserted THEN
+            UPDATE usage SET chunks = chunks + 1, stored_bytes = stored_bytes + reserved_size
+             WHERE user_id = p_account;
+        END IF;
+        INSERT INTO chunk_holds AS h (session_id, chunk_id, user_id, uses)
+        VALUES (p_session, reserved_id, p_account, wanted.n)
+        ON CONFLICT (session_id, chunk_id) DO UPDATE SET uses = h.uses + EXCLUDED.uses;
+        chunk_id := reserved_id;
+        must_store := NOT is_settled;
+        RETURN NEXT;
+    END LOOP;
+END $$;
+
+CREATE FUNCTION dfsfs_drop_holds(
+    p_account bigint, p_session bigint, p_chunk_ids bigint[],
+    OUT chunk_ids bigint[], OUT digests bytea[])
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- Give up one use of a hold per entry (a chunk stored, then overwritten before any commit
+-- named it; or a commit that failed for good); uses this session does not hold are
+-- ignored. Chunks left with no reference and no hold are returned for reclaim.
+DECLARE
+    wanted record;
+    held integer;
+    dropped bigint[] := '{}';
+BEGIN
+    FOR wanted IN
+        SELECT id, count(*)::integer AS n FROM unnest(p_chunk_ids) AS id GROUP BY id ORDER BY id
+    LOOP
+        SELECT uses INTO held FROM chunk_holds
+         WHERE session_id = p_session AND chunk_id = wanted.id AND user_id = p_account FOR UPDATE;
+        CONTINUE WHEN NOT FOUND;
+        UPDATE chunk_holds SET uses = uses - least(held, wanted.n)
+         WHERE session_id = p_session AND chunk_id = wanted.id AND user_id = p_account;
+        dropped := dropped || array_fill(wanted.id, ARRAY[least(held, wanted.n)]);
+    END LOOP;
+    DELETE FROM chunk_holds WHERE session_id = p_session AND user_id = p_account AND uses <= 0;
+    SELECT r.chunk_ids, r.digests INTO chunk_ids, digests
+      FROM dfsfs_release_chunks(p_account, dropped) AS r;
+END $$;
+
+CREATE FUNCTION dfsfs_settle(p_account bigint, p_session bigint, p_chunk_ids bigint[])
+RETURNS integer
+LANGUAGE plpgsql AS $$
+-- A sync point: the session made these chunks' bytes durable in the stores. Called in a
+-- durable commit, which flushes the WAL with every earlier commit of the mount. It always
+-- writes WAL (the session's heartbeat), since PostgreSQL commits a transaction that wrote
+-- none without flushing, whatever synchronous_commit says.
+DECLARE
+    settled integer;
+BEGIN
+    UPDATE sessions SET heartbeat_at = now() WHERE id = p_session AND user_id = p_account;
+    UPDATE chunks SET settled = true, unsettled_by = NULL
+     WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND NOT chunks.settled
+       AND deleting_by IS NULL;
+    GET DIAGNOSTICS settled = ROW_COUNT;
+    RETURN settled;
+END $$;
+
+-- ---- committing files ------------------------------------------------------------------------
+
+CREATE FUNCTION dfsfs_commit_files(
+    p_account bigint, p_session bigint,
+    p_inos bigint[], p_sizes bigint[], p_drop_from bigint[],
+    p_mtimes bigint[], p_ctimes bigint[], p_atimes bigint[],
+    p_modes integer[], p_uids integer[], p_gids integer[],
+    p_chunk_file integer[], p_chunk_indices bigint[], p_chunk_ids bigint[],
+    OUT refusals text[], OUT chunk_ids bigint[], OUT digests bytea[])
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- Commit several files in one call, in order. File i gets size p_sizes[i], loses its
+-- chunks from index p_drop_from[i] on (NULL: none), takes the attributes given (NULL:
+-- unchanged), and its chunk indices listed for it (p_chunk_file = i) point at the chunk
+-- ids given (NULL: a hole), each turning one use of this session's hold into a
+-- reference. A file is refused whole (its code in refusals[i], else NULL) when it is
+-- gone (DF002), over the byte quota (DF122), or names a chunk this session holds no
+-- use of (DF116: its session expired and its holds were released; store again).
+-- Returns the chunks left without references, for reclaim.
+DECLARE
+    old inodes;
+    i integer;
+    wanted bigint[];
+    missing_hold boolean;
+    dropped bigint[];
+    released record;
+    stored_change bigint;
+BEGIN
+    refusals := array_fill(NULL::text, ARRAY[coalesce(array_length(p_inos, 1), 0)]);
+    chunk_ids := '{}';
+    digests := '{}';
+    FOR i IN 1 .. coalesce(array_length(p_inos, 1), 0) LOOP
+        SELECT * INTO old FROM inodes WHERE id = p_inos[i] AND user_id = p_account FOR UPDATE;
+        IF NOT FOUND THEN
+            refusals[i] := 'DF002';
+            CONTINUE;
+        END IF;
+        IF p_sizes[i] > old.size AND old.nlink > 0 AND EXISTS (
+                SELECT 1 FROM usage u JOIN users a ON a.id = u.user_id
+                 WHERE u.user_id = p_account AND a.quota_bytes IS NOT NULL
+                   AND u.logical_bytes + (p_sizes[i] - old.size) > a.quota_bytes) THEN
+            refusals[i] := 'DF122';
+            CONTINUE;
+        END IF;
+        SELECT coalesce(array_agg(t.c), '{}') INTO wanted
+          FROM unnest(p_chunk_file, p_chunk_ids) AS t(f, c) WHERE t.f = i AND t.c IS NOT NULL;
+        SELECT EXISTS (
+            SELECT 1 FROM (SELECT c, count(*) AS n FROM unnest(wanted) AS c GROUP BY c) w
+              LEFT JOIN chunk_holds h
+                ON h.session_id = p_session AND h.chunk_id = w.c AND h.user_id = p_account
+             WHERE h.uses IS NULL OR h.uses < w.n) INTO missing_hold;
+        IF missing_hold THEN
+            refusals[i] := 'DF116';
+            CONTINUE;
+        END IF;
+        WITH gone AS (
+            DELETE FROM file_chunks fc
+             WHERE fc.ino = p_inos[i] AND fc.user_id = p_account
+               AND (fc.index >= coalesce(p_drop_from[i], 4611686018427387904)
+                    OR fc.index IN (SELECT t.x FROM unnest(p_chunk_file, p_chunk_indices) AS t(f, x)
+                                     WHERE t.f = i))
+            RETURNING fc.chunk_id)
+        SELECT coalesce(array_agg(gone.chunk_id), '{}') INTO dropped FROM gone;
+        SELECT coalesce((SELECT sum(c.size) FROM unnest(wanted) AS w(x) JOIN chunks c ON c.id = w.x), 0)
+             - coalesce((SELECT sum(c.size) FROM unnest(dropped) AS d(x) JOIN chunks c ON c.id = d.x), 0)
+          INTO stored_change;
+        INSERT INTO file_chunks (user_id, ino, index, chunk_id)
+        SELECT p_account, p_inos[i], t.x, t.c
+          FROM unnest(p_chunk_file, p_chunk_indices, p_chunk_ids) AS t(f, x, c)
+         WHERE t.f = i AND t.c IS NOT NULL;
+        UPDATE chunk_holds h SET uses = h.uses - w.n
+          FROM (SELECT c, count(*)::integer AS n FROM unnest(wanted) AS c GROUP BY c) w
+         WHERE h.session_id = p_session AND h.chunk_id = w.c AND h.user_id = p_account;
+        SELECT r.chunk_ids, r.digests INTO released FROM dfsfs_release_chunks(p_account, dropped) AS r;
+        chunk_ids := chunk_ids || released.chunk_ids;
+        digests := digests || released.digests;
+        UPDATE inodes
+           SET size = p_sizes[i], mtime_ns = coalesce(p_mtimes[i], mtime_ns),
+               ctime_ns = coalesce(p_ctimes[i], ctime_ns), atime_ns = coalesce(p_atimes[i], atime_ns),
+               mode = coalesce(p_modes[i], mode), uid = coalesce(p_uids[i], uid),
+               gid = coalesce(p_gids[i], gid), stored_bytes = stored_bytes + stored_change
+         WHERE id = p_inos[i] AND user_id = p_account;
+        IF old.nlink > 0 THEN
+            UPDATE usage SET logical_bytes = logical_bytes + (p_sizes[i] - old.size)
+             WHERE user_id = p_account;
+        END IF;
+    END LOOP;
+    DELETE FROM chunk_holds WHERE session_id = p_session AND user_id = p_account AND uses <= 0;
+END $$;
+
+-- ---- deleting chunk bytes ----------------------------------------------------------------------
+
+CREATE FUNCTION dfsfs_claim_reclaim(p_account bigint, p_session bigint, p_chunk_ids bigint[])
+RETURNS TABLE (chunk_id bigint, digest bytea)
+LANGUAGE sql AS $$
+-- Mark chunks with no reference and no hold as being deleted by this session. Commit
+-- this durably before deleting their bytes: a reservation then waits instead of trusting
+-- bytes that are going, and after a crash the mark says which bytes may be gone.
+    UPDATE chunks SET deleting_by = p_session, settled = false, unsettled_by = NULL
+     WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND refcount = 0
+       AND deleting_by IS NULL
+    RETURNING id, sha256
+$$;
+
+CREATE FUNCTION dfsfs_claim_orphan(p_account bigint, p_session bigint, p_digest bytea)
+RETURNS TABLE (chunk_id bigint, digest bytea)
+LANGUAGE sql AS $$
+-- fsck found bytes no chunk row names: a row marked as being deleted by this session
+-- (counted like any chunk, so that dfsfs_finish_reclaim can drop it) makes a reservation
+-- of the digest wait while the bytes go. Nothing if a row appeared meanwhile.
+    WITH claimed AS (
+        INSERT INTO chunks (user_id, sha256, size, refcount, settled, deleting_by)
+        VALUES (p_account, p_digest, 0, 0, false, p_session)
+        ON CONFLICT (user_id, sha256) DO NOTHING
+        RETURNING id, sha256),
+    counted AS (
+        UPDATE usage SET chunks = chunks + (SELECT count(*) FROM claimed)
+         WHERE user_id = p_account
+        RETURNING 1)
+    SELECT id, sha256 FROM claimed
+$$;
+
+CREATE FUNCTION dfsfs_finish_reclaim(p_account bigint, p_session bigint, p_chunk_ids bigint[])
+RETURNS integer
+LANGUAGE plpgsql AS $$
+-- The bytes of these claimed chunks are gone from both stores: drop their rows.
+DECLARE
+    removed integer;
+    freed bigint;
+BEGIN
+    WITH gone AS (
+        DELETE FROM chunks
+         WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND deleting_by = p_session
+           AND refcount = 0
+        RETURNING size)
+    SELECT count(*), coalesce(sum(size), 0) INTO removed, freed FROM gone;
+    UPDATE usage SET chunks = chunks - removed, stored_bytes = stored_bytes - freed
+     WHERE user_id = p_account;
+    RETURN removed;
+END $$;
+
+-- ---- names and inodes --------------------------------------------------------------------------
+
+CREATE FUNCTION dfsfs_make_node(
+    p_account bigint, p_session bigint, p_parent bigint, p_name bytea, p_mode integer,
+    p_uid integer, p_gid integer, p_now bigint, p_rdev bigint, p_target bytea,
+    p_hold boolean)
+RETURNS inodes
+LANGUAGE plpgsql AS $$
+-- Create a file, directory, symlink or special file; with p_hold, the creating session
+-- holds it (a file created open).
+DECLARE
+    parent_mode integer;
+    over_quota boolean;
+    kind integer := p_mode & 61440;
+    node inodes;
+BEGIN
+    SELECT p.mode, a.quota_inodes IS NOT NULL
+                   AND u.files + u.directories + u.symlinks >= a.quota_inodes
+      INTO parent_mode, over_quota
+      FROM inodes p JOIN users a ON a.id = p.user_id JOIN usage u ON u.user_id = p.user_id
+     WHERE p.id = p_parent AND p.user_id = p_account;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'inode % does not exist', p_parent USING ERRCODE = 'DF002';
+    END IF;
+    IF parent_mode & 61440 <> 16384 THEN
+        RAISE EXCEPTION 'not a directory' USING ERRCODE = 'DF020';
+    END IF;
+    IF over_quota THEN
+        RAISE EXCEPTION 'inode quota exceeded' USING ERRCODE = 'DF122';
+    END IF;
+    INSERT INTO inodes (user_id, mode, uid, gid, size, nlink, atime_ns, mtime_ns, ctime_ns,
+                        rdev, target)
+    VALUES (p_account, p_mode, p_uid, p_gid, coalesce(length(p_target), 0),
+            CASE WHEN kind = 16384 THEN 2 ELSE 1 END, p_now, p_now, p_now, p_rdev, p_target)
+    RETURNING * INTO node;
+    INSERT INTO dentries (user_id, parent_ino, name, ino)
+    VALUES (p_account, p_parent, p_name, node.id)
+    ON CONFLICT (parent_ino, name) DO NOTHING;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'file exists' USING ERRCODE = 'DF017';  -- undoes the inode too
+    END IF;
+    UPDATE inodes
+       SET mtime_ns = p_now, ctime_ns = p_now, nlink = nlink + (kind = 16384)::integer
+     WHERE id = p_parent AND user_id = p_account;
+    UPDATE usage
+       SET files = files + (kind NOT IN (16384, 40960))::integer,
+           directories = directories + (kind = 16384)::integer,
+           symlinks = symlinks + (kind = 40960)::integer,
+           logical_bytes = logical_bytes + node.size
+     WHERE user_id = p_account;
+    IF p_hold THEN
+        INSERT INTO inode_holds (ino, session_id, user_id) VALUES (node.id, p_session, p_account);
+    END IF;
+    RETURN node;
+END $$;
+
+CREATE FUNCTION dfsfs_open(
+    p_account bigint, p_session bigint, p_ino bigint, p_map_up_to bigint,
+    OUT node inodes, OUT indices bigint[], OUT digests bytea[], OUT sizes integer[])
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- Open a file: its attributes, its chunk map when it is at most p_map_up_to bytes (else
+-- NULL arrays), and a hold for this session, so that the file stays readable here even
+-- if every name of it goes (on this mount or another).
+BEGIN
+    -- FOR SHARE: a purge (FOR UPDATE) either waits for this hold or is done before it.
+    SELECT * INTO node FROM inodes WHERE id = p_ino AND user_id = p_account FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'inode % does not exist', p_ino USING ERRCODE = 'DF002';
+    END IF;
+    INSERT INTO inode_holds (ino, session_id, user_id) VALUES (p_ino, p_session, p_account)
+    ON CONFLICT DO NOTHING;
+    IF node.size <= p_map_up_to THEN
+        SELECT coalesce(array_agg(fc.index ORDER BY fc.index), '{}'),
+               coalesce(array_agg(c.sha256 ORDER BY fc.index), '{}'),
+               coalesce(array_agg(c.size ORDER BY fc.index), '{}')
+          INTO indices, digests, sizes
+          FROM file_chunks fc JOIN chunks c ON c.id = fc.chunk_id
+         WHERE fc.ino = p_ino AND fc.user_id = p_account;
+    END IF;
+END $$;
+
+CREATE FUNCTION dfsfs_purge(p_account bigint, p_ino bigint,
+                            OUT chunk_ids bigint[], OUT digests bytea[])
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- Remove an inode that has no name left, with its chunk references and xattrs.
+DECLARE
+    dropped bigint[];
+BEGIN
+    WITH gone AS (
+        DELETE FROM file_chunks WHERE ino = p_ino AND user_id = p_account RETURNING chunk_id)
+    SELECT coalesce(array_agg(chunk_id), '{}') INTO dropped FROM gone;
+    DELETE FROM inodes WHERE id = p_ino AND user_id = p_account AND nlink = 0;
+    SELECT r.chunk_ids, r.digests INTO chunk_ids, digests
+      FROM dfsfs_release_chunks(p_account, dropped) AS r;
+END $$;
+
+CREATE FUNCTION dfsfs_purge_unheld(p_account bigint, p_inos bigint[],
+                                  OUT purged bigint[], OUT chunk_ids bigint[], OUT digests bytea[])
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- Purge those of these inodes that have no name left and no live session holding them.
+-- Each is locked, then its holds are read afresh: an open (which takes the inode FOR
+-- SHARE) either committed its hold before, and is seen, or waits and finds it gone.
+DECLARE
+    candidate bigint;
+    released record;
+BEGIN
+    purged := '{}';
+    chunk_ids := '{}';
+    digests := '{}';
+    FOR candidate IN SELECT DISTINCT x FROM unnest(p_inos) AS x ORDER BY x LOOP
+        PERFORM 1 FROM inodes WHERE id = candidate AND user_id = p_account AND nlink = 0 FOR UPDATE;
+        CONTINUE WHEN NOT FOUND;
+        CONTINUE WHEN EXISTS (SELECT 1 FROM inode_holds h
+                               WHERE h.ino = candidate AND dfsfs_session_live(h.session_id));
+        SELECT * INTO released FROM dfsfs_purge(p_account, candidate);
+        purged := purged || candidate;
+        chunk_ids := chunk_ids || released.chunk_ids;
+        digests := digests || released.digests;
+    END LOOP;
+END $$;
+
+CREATE FUNCTION dfsfs_release_inodes(
+    p_account bigint, p_session bigint, p_inos bigint[],
+    OUT purged bigint[], OUT chunk_ids bigint[], OUT digests bytea[])
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- This session lets go of these inodes (closed, and forgotten by its kernel); those left
+-- without a name and without a live holder are purged.
+BEGIN
+    DELETE FROM inode_holds
+     WHERE ino = ANY(p_inos) AND session_id = p_session AND user_id = p_account;
+    SELECT r.purged, r.chunk_ids, r.digests INTO purged, chunk_ids, digests
+      FROM dfsfs_purge_unheld(p_account, p_inos) AS r;
+END $$;
+
+CREATE FUNCTION dfsfs_remove_link(
+    p_account bigint, p_session bigint, p_ino bigint, p_now bigint)
+RETURNS inodes
+LANGUAGE plpgsql AS $$
+-- After one of its names went away: one link less (a directory has none left). An inode
+-- left without names is no longer counted in the usage; the removing session holds it
+-- (its kernel still references it) until dfsfs_release_inodes, which purges it.
+DECLARE
+    node inodes;
+    kind integer;
+BEGIN
+    UPDATE inodes
+       SET nlink = CASE WHEN mode & 61440 = 16384 THEN 0 ELSE nlink - 1 END,
+           ctime_ns = p_now
+     WHERE id = p_ino AND user_id = p_account
+    RETURNING * INTO node;
+    IF node.nlink > 0 THEN
+        RETURN node;
+    END IF;
+    kind := node.mode & 61440;
+    UPDATE usage
+       SET files = files - (kind NOT IN (16384, 40960))::integer,
+           directories = directories - (kind = 16384)::integer,
+           symlinks = symlinks - (kind = 40960)::integer,
+           logical_bytes = logical_bytes - node.size
+     WHERE user_id = p_account;
+    INSERT INTO inode_holds (ino, session_id, user_id) VALUES (p_ino, p_session, p_account)
+    ON CONFLICT DO NOTHING;
+    RETURN node;
+END $$;
+
+CREATE FUNCTION dfsfs_unlink_each(
+    p_account bigint, p_session bigint, p_parents bigint[], p_names bytea[],
+    p_times bigint[], p_directories boolean[])
+RETURNS TABLE (item integer, refusal text, node inodes)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- Remove many names in one call, in order (rmdir where p_directories[i]). A refused one
+-- (gone already, not empty, ...) is reported by its code and the others are still
+-- removed; nothing of a refused one changes.
+DECLARE
+    named inodes;
+    is_dir boolean;
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_names, 1), 0) LOOP
+        item := i;
+        refusal := NULL;
+        node := NULL;
+        SELECT t.* INTO named FROM dentries d JOIN inodes t ON t.id = d.ino
+         WHERE d.parent_ino = p_parents[i] AND d.name = p_names[i] AND d.user_id = p_account;
+        IF NOT FOUND THEN
+            refusal := 'DF002';
+        ELSE
+            is_dir := named.mode & 61440 = 16384;
+            IF p_directories[i] AND NOT is_dir THEN
+                refusal := 'DF020';
+            ELSIF is_dir AND NOT p_directories[i] THEN
+                refusal := 'DF021';
+            ELSIF is_dir AND EXISTS (
+                    SELECT 1 FROM dentries WHERE parent_ino = named.id AND user_id = p_account) THEN
+                refusal := 'DF039';
+            END IF;
+        END IF;
+        IF refusal IS NULL THEN
+            DELETE FROM dentries
+             WHERE parent_ino = p_parents[i] AND name = p_names[i] AND user_id = p_account;
+            UPDATE inodes SET mtime_ns = p_times[i], ctime_ns = p_times[i],
+                              nlink = nlink - is_dir::integer
+             WHERE id = p_parents[i] AND user_id = p_account;
+            node := dfsfs_remove_link(p_account, p_session, named.id, p_times[i]);
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END $$;
+
+-- ---- recovery ----------------------------------------------------------------------------------
+
+-- Which process on which boot of its host runs the session: a later mount on the same
+-- machine tells from these that the session's daemon is gone, without waiting for expiry.
+ALTER TABLE sessions
+    ADD COLUMN boot_id text,  -- /proc/sys/kernel/random/boot_id when the session started
+    ADD COLUMN process_start bigint;  -- the process's start time (clock ticks since boot)
+
+CREATE FUNCTION dfsfs_end_sessions(p_account bigint, p_sessions bigint[], p_reason text)
+RETURNS integer
+LANGUAGE sql AS $$
+-- End sessions known to be over (a clean unmount; a daemon found dead on its own host).
+    WITH ended AS (
+        UPDATE sessions SET ended_at = now(), end_reason = p_reason
+         WHERE id = ANY(p_sessions) AND user_id = p_account AND ended_at IS NULL
+        RETURNING 1)
+    SELECT count(*)::integer FROM ended
+$$;
+
+CREATE FUNCTION dfsfs_recover(
+    p_account bigint,
+    OUT ended integer, OUT purged bigint[],
+    OUT reclaim_ids bigint[], OUT reclaim_digests bytea[],
+    OUT unsettled_ids bigint[], OUT unsettled_digests bytea[],
+    OUT deleting_ids bigint[], OUT deleting_digests bytea[])
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- Settle what sessions of the account left behind when they ended without cleaning up
+-- (a killed daemon, a power cut, a machine gone): end expired sessions; drop the chunk
+-- holds and inode holds of ended ones (purging inodes with no name and no live holder);
+-- and return the chunks whose bytes no live session has made durable (the caller checks
+-- the stores: dfsfs_settle what is there, dfsfs_cut_lost the rest) and the chunks whose
+-- deleting session died (the caller takes the deletion over: dfsfs_take_over_deletion).
+DECLARE
+    dead bigint[];
+    dropped bigint[];
+    released record;
+BEGIN
+    WITH expired AS (
+        UPDATE sessions SET ended_at = now(), end_reason = 'expired'
+         WHERE user_id = p_account AND ended_at IS NULL AND expires_at <= now()
+        RETURNING 1)
+    SELECT count(*) INTO ended FROM expired;
+    SELECT coalesce(array_agg(id), '{}') INTO dead FROM sessions
+     WHERE user_id = p_account AND ended_at IS NOT NULL;
+    -- chunk holds of ended sessions: one reference less per use
+    SELECT coalesce(array_agg(h.chunk_id), '{}') INTO dropped
+      FROM chunk_holds h, generate_series(1, h.uses)
+     WHERE h.user_id = p_account AND h.session_id = ANY(dead);
+    DELETE FROM chunk_holds WHERE user_id = p_account AND session_id = ANY(dead);
+    SELECT r.chunk_ids, r.digests INTO reclaim_ids, reclaim_digests
+      FROM dfsfs_release_chunks(p_account, dropped) AS r;
+    -- inode holds of ended sessions, then inodes with no name and no live holder
+    DELETE FROM inode_holds WHERE user_id = p_account AND session_id = ANY(dead);
+    SELECT r.purged, r.chunk_ids, r.digests INTO released
+      FROM dfsfs_purge_unheld(p_account, ARRAY(
+          SELECT id FROM inodes WHERE user_id = p_account AND nlink = 0)) AS r;
+    purged := released.purged;
+    reclaim_ids := reclaim_ids || released.chunk_ids;
+    reclaim_digests := reclaim_digests || released.digests;
+    -- bytes no live session has made durable
+    SELECT coalesce(array_agg(id ORDER BY id), '{}'), coalesce(array_agg(sha256 ORDER BY id), '{}')
+      INTO unsettled_ids, unsettled_digests FROM chunks
+     WHERE user_id = p_account AND NOT settled AND deleting_by IS NULL
+       AND (unsettled_by IS NULL OR NOT dfsfs_session_live(unsettled_by));
+    -- bytes a dead session was deleting
+    SELECT coalesce(array_agg(id ORDER BY id), '{}'), coalesce(array_agg(sha256 ORDER BY id), '{}')
+      INTO deleting_ids, deleting_digests FROM chunks
+     WHERE user_id = p_account AND deleting_by IS NOT NULL AND NOT dfsfs_session_live(deleting_by);
+    -- ended sessions nothing names any more
+    DELETE FROM sessions s
+     WHERE s.user_id = p_account AND s.ended_at IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.user_id = p_account
+                        AND (c.unsettled_by = s.id OR c.deleting_by = s.id));
+END $$;
+
+CREATE FUNCTION dfsfs_take_over_deletion(p_account bigint, p_session bigint, p_chunk_ids bigint[])
+RETURNS TABLE (chunk_id bigint, digest bytea)
+LANGUAGE sql AS $$
+-- Become the deleter of chunks whose deleting session died (see dfsfs_recover).
+    UPDATE chunks SET deleting_by = p_session
+     WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND refcount = 0
+       AND deleting_by IS NOT NULL AND NOT dfsfs_session_live(deleting_by)
+    RETURNING id, sha256
+$$;
+
+CREATE FUNCTION dfsfs_cut_lost(p_account bigint, p_chunk_size bigint, p_chunk_ids bigint[])
+RETURNS TABLE (ino bigint, old_size bigint, new_size bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+-- Chunks whose bytes did not survive (a power cut before the sync point that would have
+-- made them durable): every file naming one is cut back to just before its first lost
+-- chunk, as if the writes from there on had not happened, and a damage record says so.
+-- The lost chunks' rows go. Only chunks still unsettled with no live session storing
+-- them count (one a live session reserved since is being stored again).
+DECLARE
+    lost bigint[];
+    hit record;
+    dropped bigint[];
+BEGIN
+    SELECT coalesce(array_agg(id ORDER BY id), '{}') INTO lost FROM (
+        SELECT id FROM chunks
+         WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND NOT settled
+           AND deleting_by IS NULL
+           AND (unsettled_by IS NULL OR NOT dfsfs_session_live(unsettled_by))
+         ORDER BY id FOR UPDATE) AS locked;
+    FOR hit IN
+        SELECT fc.ino AS target, min(fc.index) AS first_lost
+          FROM file_chunks fc
+         WHERE fc.user_id = p_account AND fc.chunk_id = ANY(lost)
+         GROUP BY fc.ino ORDER BY fc.ino
+    LOOP
+        SELECT i.size INTO old_size FROM inodes i
+         WHERE i.id = hit.target AND i.user_id = p_account FOR UPDATE;
+        new_size := least(old_size, hit.first_lost * p_chunk_size);
+        INSERT INTO damage (user_id, sha256, store, kind, detail)
+        SELECT p_account, c.sha256, 'both', 'lost',
+               format('not durable at a crash: inode %s cut from %s to %s bytes',
+                      hit.target, old_size, new_size)
+          FROM file_chunks fc JOIN chunks c ON c.id = fc.chunk_id
+         WHERE fc.ino = hit.target AND fc.index = hit.first_lost;
+        WITH gone AS (
+            DELETE FROM file_chunks fc
+             WHERE fc.ino = hit.target AND fc.user_id = p_account AND fc.index >= hit.first_lost
+            RETURNING fc.chunk_id)
+        SELECT coalesce(array_agg(chunk_id), '{}') INTO dropped FROM gone;
+        PERFORM dfsfs_release_chunks(p_account, dropped);
+        UPDATE inodes i
+           SET size = new_size,
+               stored_bytes = (SELECT coalesce(sum(c.size), 0) FROM file_chunks fc
+                                 JOIN chunks c ON c.id = fc.chunk_id WHERE fc.ino = hit.target)
+         WHERE i.id = hit.target AND i.user_id = p_account;
+        UPDATE usage SET logical_bytes = logical_bytes - (old_size - new_size)
+         WHERE user_id = p_account
+           AND EXISTS (SELECT 1 FROM inodes i WHERE i.id = hit.target AND i.nlink > 0);
+        ino := hit.target;
+        RETURN NEXT;
+    END LOOP;
+    WITH gone AS (
+        DELETE FROM chunks WHERE id = ANY(lost) AND user_id = p_account AND refcount = 0
+        RETURNING size)
+    UPDATE usage SET chunks = chunks - (SELECT count(*) FROM gone),
+                     stored_bytes = stored_bytes - (SELECT coalesce(sum(size), 0) FROM gone)
+     WHERE user_id = p_account;
+END $$;
