@@ -25,10 +25,13 @@ What survives a cut, modelled on ext4 (data=ordered, delayed allocation):
 - Times are not modelled (the backing files' times are those of the replay).
 - A clean unmount (fusermount3 -u) syncs everything, as unmounting a disk does.
 
-Control: SIGUSR1 is the power cut: the log prefix (if any) is committed, the process stops
-touching the backing directory at once (every later request fails with EIO), unmounts
-lazily and exits with status 0. SIGKILL is a cut too (keeping no log prefix); then the
-caller unmounts (fusermount3 -uz) and removes the live copy.
+Control: SIGUSR1 is the power cut: the log prefix (if any) is committed, and from then on
+the backing directory is never touched again (every fsync fails with EIO; the mount stays,
+so that the processes using it can be killed before it goes). SIGTERM then ends the
+process without syncing anything: it unmounts lazily and removes the live copy. SIGTERM
+without a cut is a clean shutdown (everything synced), and so is fusermount3 -u. SIGKILL
+is a cut that keeps no log prefix; then the caller unmounts (fusermount3 -uz) and removes
+the live copy.
 
 The backing directory's files are written but, unless `--host-fsync`, not fsync'd on the
 host: the cut is simulated and the same running host reads them back, so the host's page
@@ -384,8 +387,9 @@ async def _serve(fs: LazyFS, keeps: float) -> None:
                 async for signum in signals:
                     if signum == signal.SIGUSR1:
                         fs.power_cut(keeps)
-                    pyfuse3.terminate()
-                    return
+                    else:
+                        pyfuse3.terminate()
+                        return
 
         nursery.start_soon(on_signal)
         await pyfuse3.main()

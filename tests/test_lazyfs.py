@@ -1,6 +1,7 @@
 """scripts/lazyfs.py, the power-cut test's file system: what survives a cut is exactly what
 was synced, as after a power cut on ext4 (see the script's docstring for the model)."""
 
+import errno
 import os
 import shutil
 import tempfile
@@ -67,6 +68,10 @@ def test_a_cut_forgets_what_was_not_synced(lazy):
     assert (mnt / "new").read_bytes() == b"never synced"  # reads see unsynced data
     assert listing(backing) == ["dir", "old"]  # nothing reached the backing directory
     lazy.cut()
+    with pytest.raises(OSError) as raised:  # after the cut nothing is synced any more
+        write(mnt / "late", b"too late", sync=True)
+    assert raised.value.errno == errno.EIO
+    lazy.cleanup()
     assert listing(backing) == ["dir", "old"]
     assert (backing / "old").read_bytes() == b"old content"
 
@@ -81,6 +86,7 @@ def test_fsync_keeps_the_file_and_every_earlier_name_change(lazy):
     os.write(fd, b" second part, not synced")
     os.close(fd)
     lazy.cut()
+    lazy.cleanup()
     # ext4's fsync commits the journal: every earlier name change, not others' data
     assert listing(backing) == ["dir", "renamed", "synced", "unsynced"]
     assert (backing / "synced").read_bytes() == b"first part;"
@@ -97,6 +103,7 @@ def test_fsyncdir_keeps_names_but_no_data(lazy):
     sync_dir(mnt / "dir")
     os.rmdir(mnt / "dir" / "sub")  # after the sync: undone by the cut
     lazy.cut()
+    lazy.cleanup()
     assert listing(backing) == ["dir"]
     assert listing(backing / "dir") == ["inner", "sub"]
     assert (backing / "dir" / "inner").read_bytes() == b""
@@ -133,6 +140,7 @@ def test_truncate_and_sync_and_removed_files(lazy):
     os.link(mnt / "old", mnt / "hard")
     sync_dir(mnt)
     lazy.cut()
+    lazy.cleanup()
     assert listing(backing) == ["dir", "hard", "old"]
     assert (backing / "old").read_bytes() == b"old"  # the truncate is metadata: committed
     assert os.stat(backing / "old").st_ino == os.stat(backing / "hard").st_ino
@@ -163,6 +171,7 @@ def test_another_user_owns_what_it_creates(lazy):
             os._exit(1)
     assert os.waitpid(pid, 0)[1] == 0
     lazy.cut()
+    lazy.cleanup()
     st = os.stat(backing / "theirs")
     assert (st.st_uid, st.st_gid) == (65534, 65534)
     assert (backing / "theirs").read_bytes() == b"nobody's"

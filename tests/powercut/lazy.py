@@ -3,10 +3,12 @@
     lazy = LazyMount(backing, mountpoint, live)   # live: a path that does not exist yet
     lazy.start()            # mounted when this returns
     lazy.cut()              # power cut: the backing directory keeps only what was synced
+    lazy.cleanup()          # (after killing what used it) gone, without syncing anything
     lazy.start()            # the reboot: a new live copy of the backing directory
     lazy.unmount()          # clean: everything reaches the backing directory
 
-Every LazyMount still running when the interpreter exits is cut by an atexit hook.
+Every LazyMount still running when the interpreter exits is torn down by an atexit hook
+(SIGTERM: a clean shutdown unless it was cut).
 """
 
 import atexit
@@ -59,12 +61,17 @@ class LazyMount:
             time.sleep(0.02)
 
     def cut(self) -> None:
-        """The power cut: lazyfs forgets everything unsynced and stops at once."""
-        if self.process is None:
-            return
+        """The power cut: lazyfs forgets everything unsynced and never touches the backing
+        directory again. The mount stays (every fsync fails) until `cleanup()`, so that the
+        processes using it die before it goes."""
+        assert self.process is not None, "lazyfs is not running"
+        lines = self.log_text().count("power cut:")
         self.process.send_signal(signal.SIGUSR1)
-        self._wait_exit()
-        self.cleanup()
+        deadline = time.monotonic() + EXIT_TIMEOUT_S
+        while self.log_text().count("power cut:") == lines:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise LazyMountError(f"lazyfs did not cut the power:\n{self.log_text()[-3000:]}")
+            time.sleep(0.005)
 
     def unmount(self) -> None:
         """A clean unmount (everything synced); fails when lazyfs reports a broken model."""
@@ -90,8 +97,10 @@ class LazyMount:
         """Whatever state it is in: kill lazyfs, detach the mount, remove the live copy."""
         if self.process is not None:
             if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait(timeout=EXIT_TIMEOUT_S)
+                self.process.terminate()  # after a cut: exits without syncing
+                if self._wait_exit() is None:
+                    self.process.kill()
+                    self.process.wait(timeout=EXIT_TIMEOUT_S)
             self.process = None
         if is_mount(self.mountpoint):
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True, check=False)
