@@ -184,10 +184,11 @@ class LazyFS(Passthrough):
 
     enable_writeback_cache = False
 
-    def __init__(self, live: str, backing: Backing) -> None:
+    def __init__(self, live: str, backing: Backing, lies: tuple[str, ...] = ()) -> None:
         super().__init__(live)
         self.live = live
         self.backing = backing
+        self.lies = tuple(os.path.normpath(prefix) for prefix in lies)
         self.dirty: dict[int, Ranges] = {}  # live inode -> ranges written since its sync
         self.fd_inode: dict[int, int] = {}  # open live descriptor -> its live inode
         self.cut = False
@@ -206,6 +207,13 @@ class LazyFS(Passthrough):
     def _alive(self) -> None:
         if self.cut or self.backing.broken:
             raise FUSEError(errno.EIO)
+
+    def _lies_about(self, path: str | None) -> bool:
+        """Whether a sync of `path` is to be acknowledged without doing anything."""
+        if path is None or not self.lies:
+            return False
+        rel = self._rel(path)
+        return any(rel == prefix or rel.startswith(prefix + os.sep) for prefix in self.lies)
 
     # ---- namespace changes: done on the live copy, logged for the backing ----------------
 
@@ -315,9 +323,11 @@ class LazyFS(Passthrough):
 
     async def fsync(self, fd, datasync):
         self._alive()
-        self.backing.commit()
         inode = self.fd_inode[fd]
         path = self._path_of(inode)
+        if self._lies_about(path):
+            return
+        self.backing.commit()
         ranges = self.dirty.pop(inode, None)
         if path is not None:
             try:
@@ -331,6 +341,8 @@ class LazyFS(Passthrough):
 
     async def fsyncdir(self, fh, datasync):
         self._alive()
+        if self._lies_about(self._path_of(fh)):
+            return
         self.backing.commit()
         self.stats["syncs"] += 1
 
@@ -406,13 +418,17 @@ def main() -> None:
                         help="the fraction of unsynced metadata changes a cut commits first")
     parser.add_argument("--host-fsync", action="store_true",
                         help="also fsync the backing files on the host at each sync")
+    parser.add_argument("--lie", action="append", default=[], metavar="PATH",
+                        help="acknowledge syncs of files and directories under PATH (relative "
+                             "to the mount) without syncing anything: a disk that loses what it "
+                             "promised, to show that a test notices (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s lazyfs %(levelname)s %(message)s")
     backing = os.path.abspath(args.backing)
     live = os.path.abspath(args.live)
     started = time.monotonic()
     subprocess.run(["cp", "-a", "--", backing, live], check=True)
-    fs = LazyFS(live, Backing(backing, args.host_fsync))
+    fs = LazyFS(live, Backing(backing, args.host_fsync), tuple(args.lie))
     options = set(pyfuse3.default_options) | {"fsname=lazyfs", "allow_other"}
     try:
         pyfuse3.init(fs, args.mountpoint, options)

@@ -56,6 +56,7 @@ class Reader:
         self.root = root
         self.problems = problems
         self.cache: dict[str, bytes | None] = {}
+        self.failed: set[str] = set()  # read errors, reported once: no other verdict on them
 
     def __call__(self, name: str) -> bytes | None:
         if name not in self.cache:
@@ -66,6 +67,7 @@ class Reader:
                 self.cache[name] = None
             except OSError as error:
                 self.problems.append(f"{name}: unreadable ({errno.errorcode.get(error.errno)}: {error})")
+                self.failed.add(name)
                 self.cache[name] = None
         return self.cache[name]
 
@@ -107,7 +109,8 @@ def check(root: str, specs: dict, journals: dict[str, list[list[str]]],
         problems.append(f"listing: missing {sorted(expected - listing)}")
     if listing - allowed:
         problems.append(f"listing: unexpected {sorted(listing - allowed)}")
-    return problems, notes
+    verdicts = [p for p in problems if p.split(":", 1)[0] not in read.failed or "unreadable" in p]
+    return verdicts, notes
 
 
 def _check_small(spec, facts, read, initial, problems) -> None:

@@ -34,13 +34,14 @@ class LazyMountError(AssertionError):
 
 class LazyMount:
     def __init__(self, backing: Path, mountpoint: Path, live: Path, log_path: Path | None = None,
-                 cut_keeps: float = 0.0):
+                 cut_keeps: float = 0.0, lies: tuple[str, ...] = ()):
         self.backing = Path(backing)
         self.mountpoint = Path(mountpoint)
         self.live = Path(live)
         self.log_path = Path(log_path) if log_path else self.mountpoint.with_name(
             self.mountpoint.name + ".lazyfs.log")
         self.cut_keeps = cut_keeps
+        self.lies = lies
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -50,7 +51,8 @@ class LazyMount:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(LAZYFS), str(self.backing), str(self.mountpoint),
-                 "--live", str(self.live), "--cut-keeps", str(self.cut_keeps)],
+                 "--live", str(self.live), "--cut-keeps", str(self.cut_keeps),
+                 *(f"--lie={path}" for path in self.lies)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         _running.add(self)
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -206,11 +206,11 @@ class Rig:
         shutil.rmtree(self.backing, ignore_errors=True)
         subprocess.run(["cp", "-a", "--", str(self.golden), str(self.backing)], check=True)
 
-    def boot(self, cut_keeps: float = 0.0) -> None:
+    def boot(self, cut_keeps: float = 0.0, lies: tuple[str, ...] = ()) -> None:
         """Power on: the lazy FS over the backing directory, then PostgreSQL, which
         recovers from its WAL if it was not shut down cleanly."""
         self.lazy = LazyMount(self.backing, self.disk, self.live, self.base / "lazyfs.log",
-                              cut_keeps=cut_keeps)
+                              cut_keeps=cut_keeps, lies=lies)
         self.lazy.start()
         self.pg.start()
 
