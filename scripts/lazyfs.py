@@ -329,6 +329,10 @@ class LazyFS(Passthrough):
             return
         self.backing.commit()
         ranges = self.dirty.pop(inode, None)
+        if path is None and os.fstat(fd).st_nlink > 0:
+            self.backing.broken = f"fsync of inode {inode}: it has a name, but not one known here"
+            log.error("%s", self.backing.broken)
+            raise FUSEError(errno.EIO)
         if path is not None:
             try:
                 copied = self.backing.write_back(self._rel(path), fd, ranges)

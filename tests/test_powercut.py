@@ -22,6 +22,7 @@ set; DFSFS_POWERCUT_SEED=17,42 runs just those. A failure names its seed.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def test_power_cut(rig, seed):
         cycle.cleanup()
     print(cycle.summary())
     assert not cycle.problems, (
-        f"seed {seed} (rerun: DFSFS_POWERCUT_SEED={seed} .venv/bin/pytest -q tests/test_powercut.py):\n"
+        f"seed {seed} (rerun: DFSFS_POWERCUT_SEED={seed} .venv/bin/pytest -q tests/test_powercut.py; "
+        f"journals and logs kept in {cycle.keep_evidence()}):\n"
         + "\n".join(cycle.problems) + "\n" + cycle.summary())
 
 
@@ -203,8 +205,9 @@ class Cycle:
     # ---- facts from fsck and the database ------------------------------------------------
 
     def fsck(self):
-        """dfsfs's own fsck, in this process (its report, not its printed summary)."""
-        primary, backup = self.rig.stores
+        """dfsfs's own fsck, in this process (its report, not its printed summary), without
+        repairs: it only reads the stores, so it reads them beside the lazy FS."""
+        primary, backup = self.rig.stores_seen_directly
         engine = create_engine(self.rig.database_url, admin=True, pool_size=1)
         stores = MirroredChunkStore(open_store(primary.as_uri(), "primary"),
                                     open_store(backup.as_uri(), "backup"))
@@ -250,7 +253,7 @@ class Cycle:
     def check_stores_match_metadata(self, account: int) -> None:
         named = {row[0] for row in self.query(
             "SELECT encode(sha256, 'hex') FROM chunks WHERE user_id = :account", account=account)}
-        for store in self.rig.stores:
+        for store in self.rig.stores_seen_directly:
             held = {path.name for path in chunk_files(store, account)}
             if held != named:
                 self.problems.append(f"{store.name} after fsck --repair: {len(held - named)} chunk files "
@@ -271,6 +274,16 @@ class Cycle:
         if self.mount is not None:
             self.mount.cleanup()
         self.rig.cleanup()
+
+    def keep_evidence(self) -> Path:
+        """Copy the journals and the logs of a failed cycle where they outlive the test."""
+        kept = Path(tempfile.mkdtemp(prefix=f"dfsfs-powercut-seed{self.seed}-", dir="/tmp"))
+        shutil.copytree(self.journal_dir, kept / "journals")
+        for log in [self.rig.base / "lazyfs.log", self.rig.pg.log_file,
+                    *(self.rig.base / "dep" / "data" / "logs").glob("*.log")]:
+            if log.exists():
+                shutil.copy(log, kept)
+        return kept
 
     def summary(self) -> str:
         acked = {role: sum(1 for line in self.journals.get(role, []) if line[0] not in ("start", "done"))
