@@ -19,6 +19,7 @@ mount, odd seeds after it. DFSFS_POWERCUT_SEEDS=200 runs seeds 1..200 instead of
 set; DFSFS_POWERCUT_SEED=17,42 runs just those. A failure names its seed.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -46,6 +47,7 @@ from powercut.workload import initial_files, plan
 pytestmark = [pytest.mark.slow, pytest.mark.faults, pytest.mark.mount, pytest.mark.timeout(240)]
 
 CI_SEEDS = 8
+CHUNK = 64 * 1024  # the golden state's chunk size (rig.py)
 LYING_SEED = 2  # its cut comes after 2 s: many fsyncs were acknowledged
 TESTS = Path(__file__).resolve().parent
 INITIAL = initial_files()
@@ -100,6 +102,61 @@ def test_the_checks_catch_a_disk_that_lies(rig, lies):
         cycle.cleanup()
     print(cycle.summary(), "\n".join(cycle.problems), sep="\n")
     assert cycle.problems, "a disk that lost synced data went unnoticed:\n" + cycle.summary()
+
+
+def test_fsync_makes_earlier_unlinks_durable(rig):
+    """What seed 8 found, without chance: an unlink, then fsync of a file with nothing to
+    commit, then the cut. ARCHITECTURE: fsync returns when "every namespace change this
+    mount made before the call" is durable; the unlink must not come back."""
+    after = cut_and_reboot(rig, "del0", fsync="dmark", cut_keeps=0.0)
+    assert after is None, "del0 is back after the cut: its unlink was acknowledged before an fsync returned"
+
+
+def test_chunks_outlive_the_references_to_them(rig):
+    """Invariant 2: a freed chunk's bytes go only after the commit that dropped its last
+    reference is durable. Unlink a file without fsync, let the reclaimer delete its
+    chunks, cut (the lazy FS's journal commits every name change first, as ext4's timer
+    may): the unlink may be undone, but then the file must read whole, not fail."""
+    after = cut_and_reboot(rig, "del1", fsync=None, cut_keeps=1.0)
+    assert after in (None, INITIAL["del1"]), f"del1 after the cut: {after!r:.80}"
+
+
+def cut_and_reboot(rig: Rig, victim: str, fsync: str | None, cut_keeps: float):
+    """Unlink `victim`, fsync `fsync` (if any), wait until the reclaimer has deleted the
+    victim's chunk files, cut the power, reboot: what `victim` reads then (None: absent,
+    an OSError if reading fails)."""
+    chunk_names = {hashlib.sha256(INITIAL[victim][i:i + CHUNK]).hexdigest()
+                   for i in range(0, len(INITIAL[victim]), CHUNK)}
+    primary, _ = rig.stores_seen_directly
+    mnt = None
+    try:
+        rig.restore_golden()
+        rig.boot(cut_keeps)
+        mnt = rig.deployment.mount(USER, rig.mnt)
+        os.unlink(mnt.path / victim)
+        if fsync:
+            fd = os.open(mnt.path / fsync, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        deadline = time.monotonic() + 10
+        while chunk_names & {path.name for path in primary.rglob("*")}:
+            assert time.monotonic() < deadline, "the reclaimer did not delete the chunks"
+            time.sleep(0.05)
+        rig.power_cut()
+        mnt.abort()
+        mnt.cleanup()
+        rig.boot()
+        mnt = rig.deployment.mount(USER, rig.mnt)
+        try:
+            return (mnt.path / victim).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            return error
+    finally:
+        if mnt is not None:
+            mnt.cleanup()
+        rig.cleanup()
 
 
 class Cycle:
