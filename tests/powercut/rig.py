@@ -37,6 +37,8 @@ USER = "pc"
 # files and checkpoint through the lazy FS during the workloads, not only its WAL. The WAL
 # writer flushes asynchronous commits every 10 s rather than 200 ms (both are legal): a
 # commit that asked not to wait for the disk is then not on it unless something flushed.
+# Dynamic shared memory comes from the main segment, which a kill leaves only as the
+# System V segment that Postgres.kill removes (not as files in /dev/shm nobody maps).
 POSTGRES_SETTINGS = """
 shared_buffers = 16MB
 max_connections = 60
@@ -48,6 +50,7 @@ synchronous_commit = on
 full_page_writes = on
 recovery_init_sync_method = syncfs
 wal_writer_delay = 10s
+min_dynamic_shared_memory = 8MB
 log_min_messages = warning
 """
 KILL_TIMEOUT_S = 10
