@@ -394,7 +394,7 @@ def user_quota(settings: Settings, name: str, quota_bytes, quota_inodes) -> None
 # Each module defines `command` (one click command) or `commands` (a list of them); it may
 # import the helpers above (get_settings, pass_settings, read_password, open_engine).
 
-COMMAND_MODULES = ("dfsfs.cli_mount", "dfsfs.cli_stats", "dfsfs.cli_fsck")
+COMMAND_MODULES = ("dfsfs.cli_mount", "dfsfs.cli_stats", "dfsfs.cli_fsck", "dfsfs.cli_server")
 
 
 def _register_command_modules() -> None:
