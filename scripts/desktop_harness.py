@@ -72,7 +72,8 @@ def desktop(base: Path):
            "DISPLAY": display, "XDG_CONFIG_HOME": str(home / ".config"),
            "XDG_CACHE_HOME": str(home / ".cache"), "XDG_DATA_HOME": str(home / ".local/share"),
            "XDG_RUNTIME_DIR": str(base / "runtime"), "LANG": "C.UTF-8",
-           "GTK_A11Y": "none", "NO_AT_BRIDGE": "1", "GSETTINGS_BACKEND": "memory"}
+           "GTK_A11Y": "none", "NO_AT_BRIDGE": "1", "GSETTINGS_BACKEND": "memory",
+           "GIO_USE_VFS": os.environ.get("GIO_USE_VFS", "")}
     Path(env["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, exist_ok=True)
     with started(["Xvfb", display, "-screen", "0", "1280x1024x24", "-nolisten", "tcp"], env):
         wait_for(lambda: Path(f"/tmp/.X11-unix/X{display[1:]}").exists(), 10, "Xvfb")
@@ -201,7 +202,7 @@ def propagation(args, base: Path) -> dict:
             inotify.stop()
             listing = sorted(os.listdir(view_a))
             results["listing_of_A_after"] = listing
-            screenshot(args.screenshot, env)
+            screenshot(args.screenshot and f"{args.screenshot}-propagation.png", env)
     return results
 
 
@@ -228,33 +229,58 @@ def make_images(directory: Path, count: int) -> None:
         (directory / f"img{index:04d}.jpg").write_bytes(data[:2] + segment + data[2:])
 
 
-def view_cost(directory: Path, env: dict, thumbnails: bool, settle_s: float,
-              daemon_pid: int | None) -> dict:
-    """Open PCManFM on `directory`; wait until thumbnails stop appearing (or settle_s)."""
+def view_cost(directory: Path, env: dict, thumbnails: bool, daemon_pid: int | None) -> dict:
+    """Open PCManFM (icon view) on `directory`; measure until its CPU use settles."""
     config = Path(env["XDG_CONFIG_HOME"]) / "libfm" / "libfm.conf"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(f"[config]\nshow_thumbnail={int(thumbnails)}\nthumbnail_local=0\n"
-                      "thumbnail_max=0\n[ui]\nbig_icon_size=48\n")
-    pcmanfm_conf = Path(env["XDG_CONFIG_HOME"]) / "pcmanfm" / "default" / "pcmanfm.conf"
-    pcmanfm_conf.parent.mkdir(parents=True, exist_ok=True)
-    pcmanfm_conf.write_text("[ui]\nview_mode=icon\nshow_hidden=0\n")
-    cache = Path(env["XDG_CACHE_HOME"]) / "thumbnails"
-    shutil.rmtree(cache, ignore_errors=True)
+    config.write_text(f"[config]\nshow_thumbnail={int(thumbnails)}\nthumbnail_local=0\n")
     read_before = daemon_read_bytes(daemon_pid)
     started_at = time.monotonic()
     with started(file_manager("pcmanfm", directory, env), env) as process:
-        last_count, last_change = -1, time.monotonic()
-        while time.monotonic() - last_change < settle_s:
-            count = sum(1 for _ in cache.rglob("*.png")) if cache.exists() else 0
-            if count != last_count:
-                last_count, last_change = count, time.monotonic()
-            time.sleep(0.1)
+        settled_at = settle(process.pid)
         cpu = cpu_seconds(process.pid)
-    return {"thumbnails": thumbnails, "thumbnails_made": last_count,
-            "settled_after_s": round(last_change - started_at, 2),
+    return {"view_settled_after_s": round(settled_at - started_at, 2),
             "file_manager_cpu_s": round(cpu, 2),
-            "daemon_read_mb": None if daemon_pid is None else
-            round((daemon_read_bytes(daemon_pid) - read_before) / 1e6, 1)}
+            "daemon_read_mb": daemon_read_mb(daemon_pid, read_before)}
+
+
+def settle(pid: int, quiet_s: float = 2.0, timeout_s: float = 120.0) -> float:
+    """When the process last used CPU before `quiet_s` seconds of (almost) none."""
+    deadline = time.monotonic() + timeout_s
+    last_busy, last_cpu = time.monotonic(), cpu_seconds(pid)
+    while time.monotonic() - last_busy < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.25)
+        cpu = cpu_seconds(pid)
+        if cpu - last_cpu > 0.02:
+            last_busy = time.monotonic()
+        last_cpu = cpu
+    return last_busy
+
+
+def thumbnailer_cost(directory: Path, out: Path, daemon_pid: int | None) -> dict:
+    """What a thumbnail factory does for every image: gdk-pixbuf-thumbnailer -s 128."""
+    out.mkdir(exist_ok=True)
+    read_before = daemon_read_bytes(daemon_pid)
+    started_at = time.monotonic()
+    images = sorted(directory.iterdir())
+    for image in images:
+        subprocess.run(["gdk-pixbuf-thumbnailer", "-s", "128", str(image),
+                        str(out / (image.name + ".png"))], check=True)
+    elapsed = time.monotonic() - started_at
+    shutil.rmtree(out)
+    return {"images": len(images), "seconds": round(elapsed, 2),
+            "ms_per_image": round(1000 * elapsed / len(images), 1),
+            "daemon_read_mb": daemon_read_mb(daemon_pid, read_before)}
+
+
+def listing_cost(directory: Path, daemon_pid: int | None) -> dict:
+    """What a view of a remote folder costs: names, types and sizes, no content."""
+    read_before = daemon_read_bytes(daemon_pid)
+    started_at = time.monotonic()
+    for entry in os.scandir(directory):
+        entry.stat()
+    return {"seconds": round(time.monotonic() - started_at, 3),
+            "daemon_read_mb": daemon_read_mb(daemon_pid, read_before)}
 
 
 def daemon_read_bytes(pid: int | None) -> int:
@@ -266,23 +292,35 @@ def daemon_read_bytes(pid: int | None) -> int:
     return 0
 
 
+def daemon_read_mb(pid: int | None, before: int) -> float | None:
+    return None if pid is None else round((daemon_read_bytes(pid) - before) / 1e6, 1)
+
+
 def thumbnails(args, base: Path) -> dict:
     results = {}
     local = base / "local-images"
     make_images(local, args.images)
+    results["image_bytes"] = sum(p.stat().st_size for p in local.iterdir())
     with site(base) as deployment, deployment.mount("alice") as mnt, desktop(base) as env:
         remote = subprocess.run(["gio", "info", "-f", "-a", "filesystem::remote", str(mnt.path)],
                                 env=env, capture_output=True, text=True).stdout
-        results["gio_filesystem_remote"] = remote.strip().splitlines()[-1:]
+        results["gio_filesystem_remote"] = remote.strip().splitlines()[-1].strip()
         subprocess.run(["cp", "-r", str(local), str(mnt.path / "images")], check=True)
-        for where, directory, pid in (("dfsfs", mnt.path / "images", mnt.pid),
-                                      ("local disk", local, None)):
+        for where, directory in (("dfsfs", mnt.path / "images"), ("local disk", local)):
+            def cold() -> int | None:
+                """The daemon's pid after a remount: the kernel caches nothing of the mount.
+                (The local disk stays in the page cache: dropping it would disturb others.)"""
+                if where != "dfsfs":
+                    return None
+                mnt.remount()
+                return mnt.pid
+
+            results[f"{where}: listing only (remote view)"] = listing_cost(directory, cold())
+            results[f"{where}: every image thumbnailed"] = thumbnailer_cost(
+                directory, base / "thumbs", cold())
             for wanted in (True, False):
-                if where == "dfsfs":  # cold: nothing of the images in the kernel's cache
-                    mnt.remount()
-                    pid = mnt.pid
-                key = f"{where}, thumbnails {'on' if wanted else 'off'}"
-                results[key] = view_cost(directory, env, wanted, args.settle, pid)
+                results[f"{where}: PCManFM view, thumbnails {'on' if wanted else 'off'}"] = \
+                    view_cost(directory, env, wanted, cold())
     return results
 
 
@@ -291,25 +329,53 @@ def thumbnails(args, base: Path) -> dict:
 
 def remount(args, base: Path) -> dict:
     results = {}
-    with site(base) as deployment, deployment.mount("alice") as mnt, desktop(base) as env:
-        for index in range(50):
-            (mnt.path / f"file{index:02d}.txt").write_text(f"file {index}\n")
-        (mnt.path / "folder").mkdir()
-        with started(file_manager(args.file_manager, mnt.path, env), env):
-            time.sleep(5)  # the window shows the mount
-            name = "nautilus" if args.file_manager == "nautilus" else args.file_manager
-            before = {pid: cpu_seconds(pid) for pid in pids_of(name)}
-            results["before_remount"] = sample_cpu(name, mnt.pid, args.sample)
-            umount = deployment.run("umount", mnt.path, check=False)
-            results["umount"] = {"exit": umount.returncode, "stderr": umount.stderr.strip()}
-            time.sleep(2)
-            results["between"] = sample_cpu(name, None, args.sample)
-            mnt.pid = None
-            mnt.mount()
-            results["after_remount"] = sample_cpu(name, mnt.pid, args.sample)
-            results["file_manager_pids"] = list(before)
-            screenshot(args.screenshot, env)
+    with site(base) as deployment, desktop(base) as env:
+        if args.filesystem == "tmpfs":  # the control
+            mnt = TmpfsMount(base / "tmpfs")
+        else:
+            mnt = deployment.mount("alice")
+        with mnt:
+            for index in range(50):
+                (mnt.path / f"file{index:02d}.txt").write_text(f"file {index}\n")
+            (mnt.path / "folder").mkdir()
+            with started(file_manager(args.file_manager, mnt.path, env), env):
+                time.sleep(5)  # the window shows the mount
+                results["before_remount"] = sample_cpu(args.file_manager, mnt.pid, args.sample)
+                screenshot(args.screenshot and f"{args.screenshot}-before.png", env)
+                mnt.umount()
+                time.sleep(2)
+                results["between"] = sample_cpu(args.file_manager, None, args.sample)
+                mnt.mount()
+                results["after_remount"] = sample_cpu(args.file_manager, mnt.pid, args.sample)
+                results["entries_after_remount"] = len(os.listdir(mnt.path))
+                screenshot(args.screenshot and f"{args.screenshot}-after.png", env)
     return results
+
+
+class TmpfsMount:
+    """A tmpfs that keeps its files across umount + mount (copied aside), as the control."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.path.mkdir()
+        self.pid = None
+        self.saved = path.with_name("tmpfs-saved")
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], check=True)
+
+    def umount(self) -> None:
+        shutil.copytree(self.path, self.saved)
+        subprocess.run(["umount", str(self.path)], check=True)
+
+    def mount(self) -> None:
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(self.path)], check=True)
+        shutil.copytree(self.saved, self.path, dirs_exist_ok=True)
+        shutil.rmtree(self.saved)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
 
 
 def sample_cpu(name: str, daemon_pid: int | None, seconds: float) -> dict:
@@ -333,10 +399,11 @@ def main() -> None:
     parser.add_argument("--file-manager", default="pcmanfm")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--wait", type=float, default=5.0, help="seconds to wait for an event")
-    parser.add_argument("--settle", type=float, default=8.0,
-                        help="seconds without a new thumbnail that end a view measurement")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds of CPU sampling")
-    parser.add_argument("--screenshot", metavar="PNG")
+    parser.add_argument("--filesystem", choices=("dfsfs", "tmpfs"), default="dfsfs",
+                        help="remount: the file system (tmpfs is the control)")
+    parser.add_argument("--screenshot", metavar="PREFIX",
+                        help="save screenshots as PREFIX-*.png (ImageMagick's import)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="dfsfs-desktop-", dir="/tmp"))
