@@ -1,5 +1,6 @@
-# dfsfs with its FUSE dependencies. Metadata goes to an external PostgreSQL
-# (DFSFS_DATABASE_URL, see docker-compose.yml); run with /dev/fuse and CAP_SYS_ADMIN.
+# dfsfs with its FUSE dependencies: the `init` service of docker-compose.yml runs it to
+# create the schema, the buckets and the first administrator. To mount inside a container,
+# run it with /dev/fuse and CAP_SYS_ADMIN (README, "Beyond one machine").
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \

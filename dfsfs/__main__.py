@@ -1,3 +1,3 @@
-from dfsfs.cli import main
+from dfsfs.programs import main
 
 main()

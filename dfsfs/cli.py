@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from dfsfs.auth import hash_password, validate_user_name
+from dfsfs.chunks.url import prepare_stores
 from dfsfs.config import (
     DEFAULT_CHUNK_SIZE,
     Settings,
@@ -206,6 +207,7 @@ def init(settings: Settings) -> None:
         path = file_url_path(url)
         if path is not None:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    prepare_stores(settings.store_url, "primary", settings.backup_url, "backup", report=click.echo)
     if applied:
         click.echo(f"applied migrations: {', '.join(map(str, applied))}")
     else:
@@ -392,7 +394,7 @@ def user_quota(settings: Settings, name: str, quota_bytes, quota_inodes) -> None
 # Each module defines `command` (one click command) or `commands` (a list of them); it may
 # import the helpers above (get_settings, pass_settings, read_password, open_engine).
 
-COMMAND_MODULES = ("dfsfs.cli_mount", "dfsfs.cli_stats", "dfsfs.cli_fsck")
+COMMAND_MODULES = ("dfsfs.cli_mount", "dfsfs.cli_stats", "dfsfs.cli_fsck", "dfsfs.cli_server")
 
 
 def _register_command_modules() -> None:

@@ -3,13 +3,16 @@
 import contextlib
 import errno
 import getpass
+import grp
 import hashlib
 import logging
 import os
+import pwd
 import secrets
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -22,7 +25,10 @@ from dfsfs.cli import (
     read_password,
     with_recorded_layout,
 )
+from dfsfs.chunks.url import take_environment_credentials
 from dfsfs.config import Settings, database_url_for
+from dfsfs.mount_helper import MOUNT_ONLY_OPTIONS
+from dfsfs.programs import find_program
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +45,19 @@ def _unescape_mountinfo(field: str) -> str:
 
 def mount_type(path: str) -> str | None:
     """The file-system type mounted exactly at `path`, or None."""
+    found = _mount_entry(path)
+    return found[0] if found else None
+
+
+def _mount_entry(path: str) -> tuple[str, str] | None:
+    """(type, source) of what is mounted exactly at `path`, or None."""
     found = None  # the last of stacked mounts is the visible one
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
         for line in mountinfo:
             fields = line.split()
             if _unescape_mountinfo(fields[4]) == path:
-                found = fields[fields.index("-") + 1]
+                after = fields[fields.index("-") + 1:]
+                found = (after[0], _unescape_mountinfo(after[1]) if len(after) > 1 else "")
     return found
 
 
@@ -67,7 +80,7 @@ def _is_stale(path: str) -> bool:
 
 
 def _lazy_unmount(path: str) -> None:
-    subprocess.run(["fusermount3", "-uz", path], capture_output=True, check=False)
+    subprocess.run([find_program("fusermount3"), "-uz", path], capture_output=True, check=False)
 
 
 # ---- the daemon's pid file -------------------------------------------------------------------
@@ -95,6 +108,143 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+# ---- mount options ---------------------------------------------------------------------------
+# Every option `-o` accepts (README, "Mount options"). Those that change how the file system
+# behaves become fields of the MountRequest, for the core to honour; kernel options go to
+# libfuse; options of mount(8) and systemd are accepted and ignored; anything else is refused
+# here with its name (libfuse would only say "fuse_session_new() failed").
+
+# Passed to the kernel through libfuse as they are.
+KERNEL_OPTIONS = frozenset({"allow_other", "allow_root", "ro", "rw", "nosuid", "suid", "nodev",
+                            "dev", "noexec", "exec", "default_permissions"})
+ATIME_MODES = ("noatime", "relatime", "strictatime")
+MAX_COMMIT_S = 300
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "no change" to chown
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """`-o` options, validated: what goes to libfuse and what the core must honour."""
+
+    kernel: tuple[str, ...] = ()
+    nonempty: bool = False
+    # Fields of the MountRequest (see dfsfs/daemon.py for what each one means).
+    request: dict = field(default_factory=dict)
+
+
+def parse_mount_options(groups: tuple[str, ...] | list[str]) -> MountOptions:
+    """Validate `-o` options (each group comma-separated); CommandError names a bad one."""
+    kernel: list[str] = []
+    request: dict = {}
+    nonempty = False
+    for option in (o.strip() for group in groups for o in group.split(",")):
+        if not option:
+            continue
+        name, has_value, value = option.partition("=")
+        if name in MOUNT_ONLY_OPTIONS or name.startswith("x-") or name == "comment":
+            continue
+        if name == "nonempty" and not has_value:
+            nonempty = True
+        elif name in KERNEL_OPTIONS and not has_value:
+            kernel.append(name)
+            if name in ("ro", "rw"):
+                request["read_only"] = name == "ro"
+        elif name in ATIME_MODES and not has_value:
+            request["atime"] = name
+        elif name == "atime" and not has_value:
+            request["atime"] = "relatime"  # as mount(8): "atime" undoes noatime
+        elif name in ("sync", "async") and not has_value:
+            request["sync"] = name == "sync"
+        elif name in _VALUED and has_value:
+            request.update(_VALUED[name](value))
+        elif name in _VALUED or name in KERNEL_OPTIONS or name in ATIME_MODES:
+            raise CommandError(f"mount option {name!r} {_usage(name)}")
+        elif name in ("fsname", "subtype"):
+            raise CommandError(f"mount option {name!r} is set by dfsfs itself (dfsfs:ACCOUNT, "
+                               "dfsfs); remove it")
+        else:
+            raise CommandError(f"unknown mount option {_shown(name)!r}: remove it (the options "
+                               "dfsfs accepts are listed in README.md, 'Mount options')")
+    if "allow_other" in kernel and "allow_root" in kernel:
+        raise CommandError("mount options 'allow_other' and 'allow_root' exclude each other: "
+                           "keep one")
+    return MountOptions(tuple(dict.fromkeys(kernel)), nonempty, request)
+
+
+def _shown(name: str) -> str:
+    """An option name fit to echo: a long odd one may be a pasted secret."""
+    return name if len(name) <= 40 and name.isprintable() else name[:4] + "…"
+
+
+def _owner_id(kind: str, value: str) -> dict:
+    lookup = pwd.getpwnam if kind == "uid" else grp.getgrnam
+    if value.isdigit():
+        number = int(value)
+    else:
+        try:
+            entry = lookup(value)
+        except KeyError:
+            raise CommandError(f"mount option {kind}={value}: no such "
+                               f"{'user' if kind == 'uid' else 'group'} (give a name or a number)")
+        number = entry.pw_uid if kind == "uid" else entry.gr_gid
+    if number > MAX_ID:
+        raise CommandError(f"mount option {kind}={value}: out of range (0 to {MAX_ID})")
+    return {f"owner_{kind}": number}
+
+
+def _umask(value: str) -> dict:
+    try:
+        mask = int(value, 8)
+    except ValueError:
+        mask = -1
+    if not 0 <= mask <= 0o777:
+        raise CommandError(f"mount option umask={value}: give octal permission bits to clear, "
+                           "e.g. umask=022 or umask=077")
+    return {"umask": mask}
+
+
+def _commit(value: str) -> dict:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_COMMIT_S:
+        raise CommandError(f"mount option commit={value}: give the commit interval in seconds "
+                           f"(0 to {MAX_COMMIT_S}; 0 means the default, 1)")
+    return {"commit_interval_s": seconds or None}
+
+
+_VALUED = {
+    "uid": lambda value: _owner_id("uid", value),
+    "gid": lambda value: _owner_id("gid", value),
+    "umask": _umask,
+    "commit": _commit,
+}
+
+
+def _usage(name: str) -> str:
+    if name in _VALUED:
+        return f"needs a value ({name}=…)"
+    return "takes no value"
+
+
+def check_allowed(options: MountOptions) -> None:
+    """allow_other/allow_root for a user other than root need user_allow_other in fuse.conf."""
+    wanted = [name for name in ("allow_other", "allow_root") if name in options.kernel]
+    if not wanted or os.geteuid() == 0 or _fuse_conf_allows_other():
+        return
+    raise CommandError(f"mount option {wanted[0]!r} needs 'user_allow_other' in /etc/fuse.conf "
+                       "(ask root to add that line) or a mount by root")
+
+
+def _fuse_conf_allows_other(path: str = "/etc/fuse.conf") -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as conf:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in conf)
+    except OSError:
+        return False
+
+
 # ---- mount -----------------------------------------------------------------------------------
 
 
@@ -109,13 +259,16 @@ def check_mountpoint(path: str, allow_nonempty: bool) -> str:
         raise CommandError(f"mount point {mountpoint} does not exist (create it with mkdir)")
     if not os.path.isdir(mountpoint):
         raise CommandError(f"mount point {mountpoint} is not a directory")
-    kind = mount_type(mountpoint)
+    kind, source = _mount_entry(mountpoint) or (None, "")
     if kind == FSTYPE:
-        raise CommandError(f"{mountpoint} is already a dfsfs mount")
+        raise CommandError(f"{mountpoint} is already mounted ({source}): use it as it is, or "
+                           f"run `dfsfs umount {mountpoint}` first")
     if kind is not None:
-        raise CommandError(f"{mountpoint} is already a mount point ({kind})")
+        raise CommandError(f"{mountpoint} is already a mount point ({kind} {source}): unmount "
+                           "it first or choose another directory")
     if not allow_nonempty and os.listdir(mountpoint):
-        raise CommandError(f"mount point {mountpoint} is not empty")
+        raise CommandError(f"mount point {mountpoint} is not empty: choose an empty directory "
+                           "(or add -o nonempty to hide its files while mounted)")
     if not os.access(mountpoint, os.W_OK | os.X_OK):
         raise CommandError(f"no permission to mount on {mountpoint}")
     return mountpoint
@@ -126,7 +279,8 @@ def check_mountpoint(path: str, allow_nonempty: bool) -> str:
 @click.option("--user", "user_name", metavar="NAME", help="Account to mount (default: your login name).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground and log to stderr.")
 @click.option("-o", "options", metavar="OPT[,OPT]", multiple=True,
-              help="FUSE mount options, e.g. -o allow_other; 'nonempty' allows a non-empty mount point.")
+              help="Mount options: allow_other, allow_root, ro, uid=, gid=, umask=, noatime, "
+                   "relatime, strictatime, commit=SECONDS, sync, nonempty (README: Mount options).")
 @click.option("--password-file", metavar="FILE", help="Read the password from FILE ('-' = stdin).")
 @click.pass_context
 def mount(ctx, mountpoint, user_name, foreground, options, password_file):
@@ -137,17 +291,18 @@ def mount(ctx, mountpoint, user_name, foreground, options, password_file):
     """
     from dfsfs.daemon import MountRequest
 
+    take_environment_credentials()  # the daemon forked below must not carry S3 keys
+    parsed = parse_mount_options(options)
+    check_allowed(parsed)
     settings = get_settings(ctx)
-    fuse_options = tuple(o for group in options for o in group.split(",") if o)
-    allow_nonempty = "nonempty" in fuse_options
-    fuse_options = tuple(o for o in fuse_options if o != "nonempty")
-    mountpoint = check_mountpoint(mountpoint, allow_nonempty)
+    mountpoint = check_mountpoint(mountpoint, parsed.nonempty)
     name = user_name or getpass.getuser()
     accounts = open_accounts(settings)
     account = login(accounts, name, read_password(password_file, confirm=False))
     settings = with_recorded_layout(settings, accounts.engine)
     accounts.engine.dispose()
-    request = MountRequest(database_url_for(settings), settings, account.id, mountpoint, fuse_options)
+    request = MountRequest(database_url_for(settings), settings, account.id, mountpoint,
+                           parsed.kernel, account_name=account.name, **parsed.request)
     if foreground:
         _serve_in_foreground(settings, request)
     else:
@@ -257,7 +412,8 @@ def umount(ctx, mountpoint):
     if kind != FSTYPE:
         raise CommandError(f"{path} is not a dfsfs mount ({kind})")
     pid = _daemon_pid(settings, path)
-    result = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True, check=False)
+    result = subprocess.run([find_program("fusermount3"), "-u", path], capture_output=True,
+                            text=True, check=False)
     if result.returncode != 0:
         if "busy" in result.stderr.lower():
             raise CommandError(f"{path} is busy: a process still uses it (see `fuser -vm {path}`)")

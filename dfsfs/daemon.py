@@ -41,9 +41,16 @@ class MountRequest:
     settings: Settings
     account_id: int
     mountpoint: str
-    fuse_options: tuple[str, ...] = ()
-    commit_interval_s: float = 1.0  # mount option commit=
-    sync_close: bool = False  # mount option sync
+    fuse_options: tuple[str, ...] = ()  # kernel options for libfuse (validated by cli_mount)
+    account_name: str = ""  # shown as the mount source, dfsfs:ACCOUNT
+    # Mount options the core honours (parsed and validated by cli_mount.parse_mount_options):
+    owner_uid: int | None = None  # uid=: every file shows this owner (None: as stored)
+    owner_gid: int | None = None  # gid=: every file shows this group (None: as stored)
+    umask: int | None = None  # umask=: permission bits cleared in every mode shown
+    read_only: bool = False  # ro: refuse every change with EROFS
+    atime: str = "noatime"  # noatime | relatime | strictatime (atime updates, as on ext4)
+    commit_interval_s: float | None = None  # commit=: seconds until a close is durable (None: 1)
+    sync: bool = False  # sync: close() returns once the file is durable
 
 
 def core_settings(request: MountRequest) -> CoreSettings:
@@ -54,8 +61,8 @@ def core_settings(request: MountRequest) -> CoreSettings:
         read_cache_bytes=settings.read_cache_bytes,
         readahead_chunks=settings.readahead_chunks,
         attr_cache_s=settings.attr_timeout_s,
-        commit_interval_s=request.commit_interval_s,
-        sync_close=request.sync_close,
+        commit_interval_s=request.commit_interval_s or CoreSettings.commit_interval_s,
+        sync_close=request.sync,
         commit_batch_bytes=max(settings.chunk_size, min(32 << 20, settings.write_buffer_bytes // 4)),
     )
 
@@ -93,7 +100,9 @@ def _capacity_probe(store_url: str) -> Callable[[], tuple[int, int]] | None:
 def fuse_options(request: MountRequest) -> set[str]:
     options = set(pyfuse3.default_options)
     # A source that is no path (mount would make a relative one absolute).
-    options |= {f"fsname=dfsfs:user{request.account_id}", "subtype=dfsfs", "noatime"}
+    options |= {f"fsname=dfsfs:{request.account_name}", "subtype=dfsfs"}
+    # The kernel's atime flag is for findmnt only (FUSE inodes are S_NOATIME): relatime else.
+    options |= {"noatime"} if request.atime == "noatime" else set()
     options |= set(request.fuse_options)
     return options
 

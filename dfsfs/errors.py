@@ -87,6 +87,10 @@ class StorageError(DfsfsError):
     errno = errno.EIO
 
 
+class StoreUnavailableError(StorageError):
+    """A chunk store does not answer (down, unreachable, overloaded): an outage, not damage."""
+
+
 class ChunkLostError(StorageError):
     """Neither store holds a copy of a chunk whose SHA-256 matches."""
 

@@ -5,8 +5,12 @@ import uuid
 import boto3
 import pytest
 
+import time
+
 from dfsfs.chunks import ChunkMissingError, LocalChunkStore, S3ChunkStore, digest_of, open_store
-from dfsfs.errors import ConfigError, InvalidKeyError, StorageError
+from dfsfs.chunks.s3 import DEFAULT_TIMEOUT_S
+from dfsfs.chunks.url import prepare_stores, read_credentials_file, take_environment_credentials
+from dfsfs.errors import ConfigError, InvalidKeyError, StorageError, StoreUnavailableError
 
 from test_chunks_local import check_roundtrip  # the same contract, shared
 
@@ -86,15 +90,51 @@ def test_missing_bucket_is_an_error_unless_created(seaweed_s3):
     seaweed_s3.chunk_store(bucket=bucket, create_bucket=True)  # creating again is harmless
 
 
-def test_wrong_credentials_are_a_storage_error(seaweed_s3, store):
-    with pytest.raises(StorageError, match="InvalidAccessKeyId|403"):
+def test_wrong_credentials_are_a_storage_error_naming_the_fix(seaweed_s3, store):
+    with pytest.raises(StorageError, match="does not know the access key: check") as refused:
         seaweed_s3.chunk_store(access_key="nobody", secret_key="wrong")
+    assert not isinstance(refused.value, StoreUnavailableError)
+    with pytest.raises(StorageError, match="secret key does not match the access key"):
+        S3ChunkStore(store.bucket, store.prefix, seaweed_s3.endpoint_url,
+                     seaweed_s3.access_key, "wrong").put(1, digest_of(b"x"), b"x")
 
 
-def test_unreachable_endpoint_is_a_storage_error_naming_it(unused_port):
+def test_a_lacking_permission_is_named(seaweed_s3, store):
+    keys = read_credentials_file(str(seaweed_s3.reader_credentials_file))
+    reader = S3ChunkStore(store.bucket, store.prefix, seaweed_s3.endpoint_url,
+                          keys.access_key, keys.secret_key, name="primary")
+    with pytest.raises(StorageError, match=r"primary: writing .* access denied: the "
+                       r"credentials lack s3:PutObject on bucket 'dfsfs-test'"):
+        reader.put(1, digest_of(b"x"), b"x")
+    with pytest.raises(StorageError, match="lack s3:CreateBucket on bucket"):
+        S3ChunkStore(unique_bucket(), "", seaweed_s3.endpoint_url, keys.access_key,
+                     keys.secret_key, create_bucket=True)
+
+
+def test_unreachable_endpoint_is_an_outage_within_the_deadline(unused_port):
     endpoint = f"http://127.0.0.1:{unused_port}"
-    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint {endpoint}"):
-        S3ChunkStore("bucket", "p", endpoint, "key", "secret")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailableError, match=f"the S3 server at {endpoint} does not "
+                       "answer .* start the S3 server or check endpoint="):
+        S3ChunkStore("bucket", "p", endpoint, "key", "secret", timeout_s=2)
+    assert time.monotonic() - started <= 2.5
+
+
+def test_a_stalled_server_is_an_outage_within_the_deadline(seaweed_s3, store):
+    """A server that accepts connections and never answers (as a stopped process would)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="does not answer"):
+            S3ChunkStore("bucket", "p", endpoint, "key", "secret", timeout_s=3)
+        elapsed = time.monotonic() - started
+    assert 1 <= elapsed <= 3.5, elapsed
+
+
+def test_the_default_deadline_is_a_few_seconds():
+    assert 2 <= DEFAULT_TIMEOUT_S <= 10
 
 
 @pytest.fixture
@@ -122,13 +162,12 @@ def test_open_store_file_url_and_bare_path(tmp_path):
     assert open_store(f"file://{tmp_path}/with%20space", "p").root == str(tmp_path / "with space")
 
 
-def test_open_store_s3_url_with_credentials_in_query(seaweed_s3):
-    bucket = seaweed_s3.bucket
-    url = (f"s3://{bucket}/some/prefix/?endpoint={seaweed_s3.endpoint_url}&region=us-east-1"
-           f"&access_key={seaweed_s3.access_key}&secret_key={seaweed_s3.secret_key}")
+def test_open_store_s3_url_with_a_credentials_file(seaweed_s3):
+    url = seaweed_s3.url(prefix="some/prefix/", region="us-east-1", timeout=3)
     store = open_store(url, "backup", create_bucket=True)
     assert isinstance(store, S3ChunkStore)
-    assert (store.bucket, store.prefix, store.name) == (bucket, "some/prefix", "backup")
+    assert (store.bucket, store.prefix, store.name, store.timeout_s) == (
+        seaweed_s3.bucket, "some/prefix", "backup", 3.0)
     store.put(1, digest_of(b"via url"), b"via url")
     assert store.get(1, digest_of(b"via url")) == b"via url"
 
@@ -139,6 +178,48 @@ def test_open_store_s3_url_with_credentials_from_environment(seaweed_s3, monkeyp
     store = open_store(f"s3://{seaweed_s3.bucket}/env?endpoint={seaweed_s3.endpoint_url}", "backup")
     assert store.prefix == "env"
     assert list(store.keys()) == []
+
+
+def test_credentials_taken_from_the_environment_leave_it(seaweed_s3, monkeypatch):
+    """What a forked daemon inherits no longer holds the keys, yet its stores still work."""
+    monkeypatch.setattr("dfsfs.chunks.url._taken", None)
+    environ = {"AWS_ACCESS_KEY_ID": seaweed_s3.access_key,
+               "AWS_SECRET_ACCESS_KEY": seaweed_s3.secret_key, "OTHER": "kept"}
+    take_environment_credentials(environ)
+    assert environ == {"OTHER": "kept"}
+    store = open_store(f"s3://{seaweed_s3.bucket}/taken?endpoint={seaweed_s3.endpoint_url}", "p")
+    store.put(1, digest_of(b"taken"), b"taken")
+
+
+def test_credentials_file_must_be_private_and_complete(tmp_path):
+    path = tmp_path / "creds"
+    path.write_text("[default]\naws_access_key_id = AK\naws_secret_access_key = SK\n")
+    path.chmod(0o600)
+    assert (read_credentials_file(str(path)).access_key, read_credentials_file(str(path)).secret_key) == ("AK", "SK")
+    path.chmod(0o640)
+    with pytest.raises(ConfigError, match=f"may be read by other users: run `chmod 600 {path}`"):
+        read_credentials_file(str(path))
+    path.chmod(0o600)
+    with pytest.raises(ConfigError, match=r"has no \[other\] section"):
+        read_credentials_file(str(path), "other")
+    path.write_text("[default]\naws_access_key_id = AK\n")
+    with pytest.raises(ConfigError, match="needs aws_access_key_id and aws_secret_access_key"):
+        read_credentials_file(str(path))
+    with pytest.raises(ConfigError, match="cannot read the S3 credentials file"):
+        read_credentials_file(str(tmp_path / "absent"))
+
+
+def test_prepare_stores_creates_missing_buckets_and_names_a_lacking_permission(seaweed_s3, tmp_path):
+    bucket = unique_bucket()
+    said = []
+    prepare_stores(seaweed_s3.url(bucket=bucket, prefix=""), "primary",
+                   f"file://{tmp_path}/backup", "backup", report=said.append)
+    assert said == [f"primary store: created bucket {bucket} at {seaweed_s3.endpoint_url}"]
+    prepare_stores(seaweed_s3.url(bucket=bucket, prefix=""), "primary", report=said.append)
+    assert said[-1] == f"primary store: checked bucket {bucket} at {seaweed_s3.endpoint_url}"
+    reader = seaweed_s3.url(bucket=bucket, credentials=seaweed_s3.reader_credentials_file)
+    with pytest.raises(StorageError, match=f"primary: writing {bucket}/.*lack s3:PutObject"):
+        prepare_stores(reader, "primary", report=said.append)
 
 
 @pytest.mark.parametrize(
@@ -152,13 +233,16 @@ def test_open_store_s3_url_with_credentials_from_environment(seaweed_s3, monkeyp
         ("file:///path?x=1", "no host, query or fragment"),
         ("s3:///prefix?endpoint=http://h:1", "must be a bucket name"),
         ("s3://bucket:9000/prefix", "must be a bucket name"),
-        ("s3://bucket?endpoint=ftp://h:1", "endpoint must be http"),
-        ("s3://bucket?endpoint=127.0.0.1:8333", "endpoint must be http"),
+        ("s3://bucket?endpoint=ftp://h:1", "endpoint= must be http"),
+        ("s3://bucket?endpoint=127.0.0.1:8333", "endpoint= must be http"),
         ("s3://bucket?endpont=http://h:1", "unknown parameter"),
         ("s3://bucket?endpoint=http://h:1&endpoint=http://h:2", "given once"),
         ("s3://bucket?region=", "given once, with a value"),
-        ("s3://bucket?access_key=AKIA", "go together"),
-        ("s3://bucket?endpoint=http://[::1", "malformed endpoint"),
+        ("s3://bucket?access_key=AKIA", "may not be given in a URL"),
+        ("s3://bucket?endpoint=http://[::1", "endpoint= is not a URL"),
+        ("s3://bucket?timeout=0", "timeout= must be seconds"),
+        ("s3://bucket?credentials=relative", "credentials= must be an absolute path"),
+        ("s3://bucket?profile=x", "give both"),
     ],
 )
 def test_open_store_refuses_bad_urls_naming_the_accepted_forms(url, reason):
@@ -167,10 +251,18 @@ def test_open_store_refuses_bad_urls_naming_the_accepted_forms(url, reason):
     assert "accepted forms: file:///absolute/path" in str(refused.value)
 
 
-def test_open_store_errors_never_show_credentials():
+@pytest.mark.parametrize("url", [
+    "s3://AKID:SECRET1@bucket?access_key=AKID2&secret_key=SECRET2&bogus=1",
+    "s3://bucket?endpoint=http://h:1&secret=SECRET1",  # a mistyped parameter name
+    "s3://bucket?endpoint=http://h:1&SECRET1SECRET1SECRET1SECRET1SECRET1SECRET1=1",
+    "s3://bucket?endpoint=http://AKID:SECRET1@h:1",
+    "s3://bucket?region=SECRET1%00x",
+    "s3://bucket?endpoint=http://h:1&region=us&SECRET1",
+])
+def test_open_store_errors_never_show_credentials(url):
     with pytest.raises(ConfigError) as refused:
-        open_store("s3://AKID:SECRET1@bucket?access_key=AKID2&secret_key=SECRET2&bogus=1", "backup")
+        open_store(url, "backup")
     message = str(refused.value)
-    assert "bogus" in message
+    assert "bad chunk store URL 's3://" in message
     for credential in ("AKID", "SECRET1", "AKID2", "SECRET2"):
         assert credential not in message
