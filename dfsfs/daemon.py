@@ -23,9 +23,10 @@ from dfsfs.core.filesystem import FileSystem
 from dfsfs.core.offload import supervised
 from dfsfs.core.settings import CoreSettings
 from dfsfs.errors import DfsfsError
-from dfsfs.fuse_ops import Operations
+from dfsfs.fuse_ops import Operations, ShownOwnership
 from dfsfs.meta.backup_queue import DatabaseBackupQueue
 from dfsfs.meta.db import create_engine
+from dfsfs.meta.feed import ChangeFeed
 from dfsfs.meta.store import MetadataStore
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def core_settings(request: MountRequest) -> CoreSettings:
         attr_cache_s=settings.attr_timeout_s,
         commit_interval_s=request.commit_interval_s or CoreSettings.commit_interval_s,
         sync_close=request.sync,
+        atime=request.atime,
         commit_batch_bytes=max(settings.chunk_size, min(32 << 20, settings.write_buffer_bytes // 4)),
     )
 
@@ -110,7 +112,8 @@ def fuse_options(request: MountRequest) -> set[str]:
 def serve(request: MountRequest, on_mounted: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or signalled. Raises if mounting fails."""
     fs = build_file_system(request)
-    operations = Operations(fs, request.settings.attr_timeout_s, request.settings.entry_timeout_s)
+    operations = Operations(fs, request.settings.attr_timeout_s, request.settings.entry_timeout_s,
+                            ShownOwnership(request.owner_uid, request.owner_gid, request.umask or 0))
     clean = False
     try:
         pyfuse3.init(operations, request.mountpoint, fuse_options(request))
@@ -118,7 +121,7 @@ def serve(request: MountRequest, on_mounted: Callable[[], None] = lambda: None) 
                  request.mountpoint, fs.meta.session_id)
         try:
             on_mounted()
-            trio.run(_serve_requests, fs)
+            trio.run(_serve_requests, fs, operations)
             clean = True
         finally:
             pyfuse3.close(unmount=True)
@@ -141,12 +144,13 @@ def _end_session(fs: FileSystem, clean: bool) -> None:
                     fs.meta.session_id, error)
 
 
-async def _serve_requests(fs: FileSystem) -> None:
+async def _serve_requests(fs: FileSystem, operations: Operations) -> None:
     async with fs.running():
         await fs.recover(await trio.to_thread.run_sync(recovery.sessions_ended_here, fs.meta))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signals)
             nursery.start_soon(supervised, "session renewal", _renew_session(fs))
+            nursery.start_soon(supervised, "change feed", _follow_changes(fs, operations))
             if fs.store.backup_queue is not None:
                 nursery.start_soon(supervised, "backup copies", _drain_backups(fs.store))
             await pyfuse3.main(min_tasks=4, max_tasks=FUSE_WORKERS)
@@ -157,6 +161,28 @@ def _renew_session(fs: FileSystem):
     async def step() -> None:
         await trio.sleep(fs.settings.session_renew_s)
         await fs.offload.meta(fs.meta.renew_session, fs.settings.session_ttl_s)
+
+    return step
+
+
+def _follow_changes(fs: FileSystem, operations: Operations):
+    """Other mounts' changes, as they commit, become kernel invalidations here: a name
+    replaced there resolves to the new file here at once, and open views follow."""
+    feed: list[ChangeFeed] = []  # (re)opened by the step: a broken feed is opened again
+
+    async def step() -> None:
+        if not feed:
+            feed.append(await trio.to_thread.run_sync(
+                ChangeFeed, fs.meta.engine, fs.meta.account_id, fs.meta.session_id))
+        try:
+            await trio.lowlevel.wait_readable(feed[0].fileno())
+            changes = feed[0].fetch()
+        except DfsfsError:
+            feed.pop().close()
+            raise
+        invalidations = fs.changed_elsewhere(changes)
+        if invalidations:
+            await trio.to_thread.run_sync(operations.invalidate, invalidations)
 
     return step
 

@@ -64,6 +64,7 @@ CATEGORIES = {
     "wrong_refcount": "chunks with a wrong reference count",
     "unreferenced_chunks": "chunk rows no file references",
     "orphan_chunks": "chunk files without metadata (orphans)",
+    "unverified_copies": "chunk copies a store that did not answer could not show",
     "damaged_copies": "missing or corrupt chunk copies",
     "lost_chunks": "chunks with no good copy",
     "dangling_references": "file chunks pointing at lost chunks",
@@ -456,6 +457,10 @@ class _UserCheck:
             if state == "ok":
                 if (digest, role) in open_damage:
                     self._close_damage(digest, role)
+                continue
+            if state == "unavailable":  # an outage: nothing is known, nothing recorded
+                self.report.add("unverified_copies",
+                                f"{self.who}: chunk {digest.hex()}: the {role} store does not answer")
                 continue
             self._damaged_copy(result, role, state, open_damage)
         if result.lost:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfsfs.chunks.mirrored import MirroredChunkStore
+from dfsfs.errors import StoreUnavailableError
 from sqlalchemy.engine import Engine
 
 from dfsfs.meta.store import MetadataStore, open_session
@@ -94,6 +95,10 @@ def recover(meta: MetadataStore, store: MirroredChunkStore, chunk_size: int,
 def _check_unsettled(meta: MetadataStore, store: MirroredChunkStore, chunk_size: int,
                      chunks: list[ReclaimableChunk], report: RecoveryReport) -> None:
     results = [store.verify(meta.account_id, chunk.digest, repair=True) for chunk in chunks]
+    if any(result.unknown for result in results):
+        # A store is down: cutting files back now could throw away what survived there.
+        raise StoreUnavailableError("a chunk store does not answer: the chunks a crashed"
+                                    " mount left unsettled are checked at the next mount")
     kept = [chunk.id for chunk, result in zip(chunks, results) if not result.lost]
     lost = [chunk.id for chunk, result in zip(chunks, results) if result.lost]
     if kept:

@@ -29,7 +29,14 @@ from dfsfs.core.inodes import InodeTable
 from dfsfs.core.offload import Offload, supervised
 from dfsfs.core.reader import Reader
 from dfsfs.core.removals import InodeReleaser, Reclaimer, RemovalQueue
-from dfsfs.core.settings import MAX_FILE_SIZE, NAME_MAX, PATH_MAX, XATTR_SIZE_MAX, CoreSettings
+from dfsfs.core.settings import (
+    MAX_FILE_SIZE,
+    NAME_MAX,
+    PATH_MAX,
+    RELATIME_AGE_NS,
+    XATTR_SIZE_MAX,
+    CoreSettings,
+)
 from dfsfs.core.write_buffer import FileState, PendingChunk
 from dfsfs.errors import (
     DfsfsError,
@@ -44,6 +51,7 @@ from dfsfs.errors import (
     QuotaExceededError,
     StaleError,
 )
+from dfsfs.meta.feed import Change, EntryChanged
 from dfsfs.meta.store import MetadataStore
 from dfsfs.recovery import RecoveryReport
 from dfsfs.types import Attrs, QueuedRemoval, Usage
@@ -55,6 +63,26 @@ MAP_AT_OPEN_CHUNKS = 64  # files up to this many chunks get their chunk map with
 CAPABILITY_XATTR = b"security.capability"  # asked for by the kernel before writes
 NODE_TYPES = (stat_module.S_IFREG, stat_module.S_IFDIR, stat_module.S_IFLNK, stat_module.S_IFIFO,
               stat_module.S_IFSOCK, stat_module.S_IFCHR, stat_module.S_IFBLK)
+
+
+@dataclass(frozen=True)
+class EntryInvalidation:
+    """The kernel must look this name up again; `deleted`: the inode it named is gone
+    from it (the kernel tells inotify watchers)."""
+
+    parent_ino: int
+    name: bytes
+    deleted: int = 0
+
+
+@dataclass(frozen=True)
+class InodeInvalidation:
+    """The kernel must drop an inode's cached attributes and pages."""
+
+    ino: int
+
+
+KernelInvalidation = EntryInvalidation | InodeInvalidation
 
 
 @dataclass(frozen=True)
@@ -88,7 +116,9 @@ class FileSystem:
         self.committer = Committer(meta, store, self.offload, settings, self.reclaimer.add)
         self.chunk_writer = ChunkWriter(meta, store, self.offload, self.committer)
         self.removals = RemovalQueue(meta, self.offload, self._removed)
-        self.releaser = InodeReleaser(meta, self.offload, self.reclaimer.add, self._purged)
+        self.releaser = InodeReleaser(meta, self.offload, self.reclaimer.add, self._purged,
+                                      grace_s=settings.attr_cache_s + 1.0)
+        self._names_gone_at: dict[int, float] = {}  # inodes whose last name went (trio clock)
         self.damage = DamageLog(meta, self.offload)
         self._missing_xattrs: TTLCache[tuple[int, bytes], bool] = TTLCache(
             settings.missing_xattr_cache_s)
@@ -149,14 +179,18 @@ class FileSystem:
     async def _release_all(self) -> None:
         for ino in self.inodes.all_held():
             self.releaser.release(ino)
-        await self.releaser.settle()
+        await self.releaser.settle(everything=True)
 
     async def recover(self, ended_sessions: list[int]) -> RecoveryReport:
         """At mount: settle what sessions of the account that are over left behind (see
         dfsfs/recovery.py). `ended_sessions` are sessions found dead on this machine. Takes
         as long as checking the unsettled chunks takes: no timeout."""
-        report = await trio.to_thread.run_sync(recovery.recover, self.meta, self.store,
-                                               self.settings.chunk_size, ended_sessions)
+        try:
+            report = await trio.to_thread.run_sync(recovery.recover, self.meta, self.store,
+                                                   self.settings.chunk_size, ended_sessions)
+        except DfsfsError as error:  # the next mount, or fsck, settles them
+            log.warning("recovery of ended sessions deferred: %s", error)
+            return RecoveryReport()
         if report.ended_sessions or report.purged_inodes or report.cut_files:
             log.info("recovery: %d sessions over, %d unlinked inodes purged, %d chunks settled,"
                      " %d files cut back", report.ended_sessions, report.purged_inodes,
@@ -255,9 +289,32 @@ class FileSystem:
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped `count` references to `ino`."""
         if self.inodes.forgotten(ino, count):
-            self.releaser.release(ino)
+            self._release(ino)
         if not self.inodes.referenced(ino):
             self.attrs.forget(ino)
+
+    # ---- changes made by other mounts ------------------------------------------------------
+
+    def changed_elsewhere(self, changes: list[Change]) -> list[KernelInvalidation]:
+        """Another mount of the account committed these changes: forget what is kept of
+        them here, and say what the kernel must forget (only what it can know: inodes it
+        holds references to, entries of directories it holds)."""
+        invalidations = []
+        for change in changes:
+            if isinstance(change, EntryChanged):
+                self._names.discard((change.parent_ino, change.name))
+                self.attrs.forget(change.parent_ino)
+                if self._kernel_knows(change.parent_ino):
+                    deleted = change.ino if change.gone and self.inodes.referenced(change.ino) else 0
+                    invalidations.append(EntryInvalidation(change.parent_ino, change.name, deleted))
+            else:
+                self.attrs.forget(change.ino)
+                if self.inodes.referenced(change.ino):
+                    invalidations.append(InodeInvalidation(change.ino))
+        return invalidations
+
+    def _kernel_knows(self, ino: int) -> bool:
+        return ino == self.root_ino or self.inodes.referenced(ino)
 
     # ---- namespace changes -------------------------------------------------------------------
 
@@ -342,13 +399,19 @@ class FileSystem:
         if attrs.nlink > 0:
             return
         self._count_growth(-attrs.size)
+        self._names_gone_at[attrs.ino] = trio.current_time()
         if self.inodes.held(attrs.ino):
-            self.releaser.release(attrs.ino)
+            self._release(attrs.ino)
+
+    def _release(self, ino: int) -> None:
+        """Neither the kernel nor a handle refers to `ino` any more: let go of it."""
+        self.releaser.release(ino, self._names_gone_at.get(ino))
 
     def _purged(self, inos: list[int]) -> None:
         for ino in inos:
             self.states.pop(ino, None)
             self.attrs.forget(ino)
+            self._names_gone_at.pop(ino, None)
 
     # ---- open files ------------------------------------------------------------------------
 
@@ -365,7 +428,8 @@ class FileSystem:
                 raise StaleError(f"inode {ino} is gone") from None  # the kernel looks again
             if attrs.is_dir:
                 raise IsDirectoryError("is a directory")
-            current = self.attrs.seen(attrs)
+            # strictatime: every read must reach the core, not the kernel's page cache
+            current = self.attrs.seen(attrs) and self.settings.atime != "strictatime"
             state = self.states.get(ino)
             if state is None:
                 state = self.states[ino] = FileState(attrs)
@@ -420,7 +484,7 @@ class FileSystem:
                     self.states.pop(state.ino, None)
                     self.attrs.shown(state.attrs)
         if self.inodes.closed(state.ino):
-            self.releaser.release(state.ino)
+            self._release(state.ino)
 
     async def _commit_if_open(self, ino: int) -> None:
         state = self.states.get(ino)
@@ -541,12 +605,25 @@ class FileSystem:
                 if not state.open_handles and not state.has_uncommitted:
                     self.states.pop(ino, None)
                 if self.inodes.closed(ino):
-                    self.releaser.release(ino)
+                    self._release(ino)
 
     # ---- reading ---------------------------------------------------------------------------
 
     async def read(self, fh: int, offset: int, length: int) -> bytes:
-        return await self.reader.read(self.handles.file(fh), offset, length)
+        state = self.handles.file(fh)
+        data = await self.reader.read(state, offset, length)
+        if self._atime_due(state.seen_attrs(state.attrs)):
+            state.accessed(time.time_ns())  # committed with the file, at its close
+        return data
+
+    def _atime_due(self, attrs: Attrs) -> bool:
+        """Whether a read updates the access time, as ext4 decides for the atime modes."""
+        if self.settings.atime == "strictatime":
+            return True
+        if self.settings.atime != "relatime":
+            return False
+        return (attrs.atime_ns <= max(attrs.mtime_ns, attrs.ctime_ns)
+                or time.time_ns() - attrs.atime_ns > RELATIME_AGE_NS)
 
     # ---- extended attributes ---------------------------------------------------------------
 

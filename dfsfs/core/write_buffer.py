@@ -113,6 +113,10 @@ class FileState:
         self.ctime_ns = now_ns
         self.write_seq += 1
 
+    def accessed(self, now_ns: int) -> None:
+        """A read the mount's atime mode says updates the access time (no ctime change)."""
+        self.changed_attrs["atime_ns"] = now_ns
+
     def uncommitted_changes(self) -> dict[str, int]:
         changes = dict(self.changed_attrs)
         if self.mtime_ns is not None:

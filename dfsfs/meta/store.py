@@ -18,6 +18,7 @@ import stat as stat_module
 import threading
 from collections.abc import Callable, Iterable
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -162,7 +163,21 @@ class MetadataStore:
         self.account_id = account_id
         self.session_id = session_id
         self.durability = DurabilityTracker()
+        self._name_connections(engine, session_id)
         self.root_ino = self._read(self._root_ino)
+
+    @staticmethod
+    def _name_connections(engine: Engine, session_id: int) -> None:
+        """Every connection says which session it works for: the change feed's payloads
+        carry it, so a mount can skip its own changes."""
+
+        @sa.event.listens_for(engine, "connect")
+        def _set_session(dbapi_connection, _record):
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT set_config('dfsfs.session_id', %s, false)", (str(session_id),))
+            dbapi_connection.commit()
+
+        engine.dispose()  # connections made before this one was registered
 
     # ---- running statements ----------------------------------------------------------------
 

@@ -716,3 +716,63 @@ BEGIN
                      stored_bytes = stored_bytes - (SELECT coalesce(sum(size), 0) FROM gone)
      WHERE user_id = p_account;
 END $$;
+
+-- ---- the change feed ---------------------------------------------------------------------------
+-- Every committed change of a name or an inode is announced on the account's channel, so
+-- that the other mounts of the account drop what their kernels cached at once (instead
+-- of after the entry and attribute timeouts) and file managers see it. The channel's name
+-- holds a random key only the account's sessions are told: PostgreSQL lets any role
+-- LISTEN on any channel, and the payloads name files.
+-- Payload: <session> e+ <parent ino> <ino> <name, hex>  (a name appeared)
+--          <session> e- <parent ino> <ino> <name, hex>  (a name went)
+--          <session> i <ino>                           (an inode's attributes or data changed)
+-- where <session> is the changing connection's dfsfs.session_id setting (its own mount
+-- skips its own changes).
+
+ALTER TABLE users ADD COLUMN feed_key text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text);
+
+CREATE FUNCTION dfsfs_feed_channel(p_account bigint) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public AS $$
+-- The channel of an account's change feed, for that account's own connections only.
+    SELECT 'dfsfs_' || feed_key FROM users
+     WHERE id = p_account AND p_account = (SELECT dfsfs_current_account())
+$$;
+
+CREATE FUNCTION dfsfs_announce(p_account bigint, p_change text) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = public AS $$
+    SELECT pg_notify('dfsfs_' || feed_key,
+                     coalesce(nullif(current_setting('dfsfs.session_id', true), ''), '0')
+                     || ' ' || p_change)
+      FROM users WHERE id = p_account
+$$;
+
+CREATE FUNCTION dfsfs_announce_entry() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('DELETE', 'UPDATE') THEN
+        PERFORM dfsfs_announce(OLD.user_id, format('e- %s %s %s', OLD.parent_ino, OLD.ino,
+                                                   encode(OLD.name, 'hex')));
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        PERFORM dfsfs_announce(NEW.user_id, format('e+ %s %s %s', NEW.parent_ino, NEW.ino,
+                                                   encode(NEW.name, 'hex')));
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION dfsfs_announce_inode() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM dfsfs_announce(NEW.user_id, format('i %s', NEW.id));
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER dentries_announce AFTER INSERT OR UPDATE OR DELETE ON dentries
+    FOR EACH ROW EXECUTE FUNCTION dfsfs_announce_entry();
+CREATE TRIGGER inodes_announce AFTER UPDATE ON inodes
+    FOR EACH ROW
+    WHEN (OLD.size IS DISTINCT FROM NEW.size OR OLD.mtime_ns IS DISTINCT FROM NEW.mtime_ns
+          OR OLD.ctime_ns IS DISTINCT FROM NEW.ctime_ns OR OLD.mode IS DISTINCT FROM NEW.mode
+          OR OLD.uid IS DISTINCT FROM NEW.uid OR OLD.gid IS DISTINCT FROM NEW.gid
+          OR OLD.nlink IS DISTINCT FROM NEW.nlink OR OLD.atime_ns IS DISTINCT FROM NEW.atime_ns)
+    EXECUTE FUNCTION dfsfs_announce_inode();
