@@ -174,10 +174,12 @@ def _follow_changes(fs: FileSystem, operations: Operations):
         if not feed:
             feed.append(await trio.to_thread.run_sync(
                 ChangeFeed, fs.meta.engine, fs.meta.account_id, fs.meta.session_id))
+            fs.listings.enabled = True
         try:
             await trio.lowlevel.wait_readable(feed[0].fileno())
             changes = feed[0].fetch()
-        except DfsfsError:
+        except BaseException:
+            fs.listings.disable()
             feed.pop().close()
             raise
         invalidations = fs.changed_elsewhere(changes)

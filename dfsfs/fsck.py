@@ -429,7 +429,7 @@ class _UserCheck:
     def _remove_orphan(self, digest: bytes) -> bool:
         """Delete an orphan's files unless a mount has just reserved it: a row marked as
         being deleted by this session makes a reservation of the digest wait meanwhile."""
-        claimed = self.meta.claim_orphan(digest)
+        claimed = self.meta.claim_orphans([digest])
         return recovery.delete_claimed(self.meta, self.stores, claimed) > 0
 
     def chunk_copies(self) -> None:

@@ -238,15 +238,24 @@ class Operations(pyfuse3.Operations):
 
     @errno_boundary
     async def write(self, fh, off, buf):
-        return await self.fs.write(fh, off, buf)
+        return await self._writing(fh, self.fs.write(fh, off, buf))
 
     @errno_boundary
     async def flush(self, fh):
-        await self.fs.flush(fh)
+        await self._writing(fh, self.fs.flush(fh))
 
     @errno_boundary
     async def fsync(self, fh, datasync):
-        await self.fs.fsync(fh)
+        await self._writing(fh, self.fs.fsync(fh))
+
+    async def _writing(self, fh, call):
+        """A write, flush or fsync that failed may have cost the file its uncommitted
+        writes: the size the kernel keeps from them is dropped with the error."""
+        try:
+            return await call
+        except DfsfsError:
+            pyfuse3.invalidate_inode(self._kernel_ino(self.fs.handles.file(fh).ino), attr_only=True)
+            raise
 
     @errno_boundary
     async def release(self, fh):

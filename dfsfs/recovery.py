@@ -99,7 +99,7 @@ def _check_unsettled(meta: MetadataStore, store: MirroredChunkStore, chunk_size:
         # A store is down: cutting files back now could throw away what survived there.
         raise StoreUnavailableError("a chunk store does not answer: the chunks a crashed"
                                     " mount left unsettled are checked at the next mount")
-    kept = [chunk.id for chunk, result in zip(chunks, results) if not result.lost]
+    kept = [chunk.digest for chunk, result in zip(chunks, results) if not result.lost]
     lost = [chunk.id for chunk, result in zip(chunks, results) if result.lost]
     if kept:
         store.sync()

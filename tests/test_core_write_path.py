@@ -263,3 +263,55 @@ def test_transactions_store_each_touched_chunk_once_per_commit(core, monkeypatch
         touched += len(chunks)
     core.call(core.fs.release, fh)
     assert len(written) <= 2 * touched  # one copy in each store per touched chunk per commit
+
+
+def test_a_chunk_deleted_lately_is_stored_again_before_a_commit_names_it(
+        core, admin_engine, tmp_path, account, monkeypatch):
+    """A commit does not take on trust a chunk whose deletion was claimed in the last hour
+    (the deletion may have removed the bytes after the mount's put): it holds the chunk,
+    puts it again, and commits."""
+    content = os.urandom(CHUNK)
+    core.write_file(core.fs.root_ino, b"first", content)
+    core.call(core.fs.unlink, core.fs.root_ino, b"first")
+    settle(core)  # its chunk is reclaimed: a tombstone remembers it
+    assert named_digests(admin_engine, account) == set()
+    written = counting_puts(monkeypatch)
+    ino = core.write_file(core.fs.root_ino, b"second", content)
+    settle(core)
+    assert core.read_file(ino) == content
+    assert len(written) == 2  # put once by the write (refused at commit), then secured
+    assert_stores_hold_exactly_what_is_named(admin_engine, tmp_path, account)
+
+
+def test_names_absent_from_a_directory_made_here_need_no_round_trip(core, monkeypatch):
+    """Every new file's creation starts with a lookup of a name that is not there: in a
+    directory this mount made (and whose changes elsewhere the change feed reports), the
+    answer needs no metadata call."""
+    from dfsfs.errors import NotFoundError
+    from dfsfs.meta.feed import EntryChanged
+
+    core.fs.listings.enabled = True  # as when the change feed runs
+    made = core.call(core.fs.make_node, core.fs.root_ino, b"new-dir", 0o40755, 0, 0)
+    asked = []
+    original = core.fs.meta.lookup
+    monkeypatch.setattr(core.fs.meta, "lookup", lambda *args: asked.append(args) or original(*args))
+    with pytest.raises(NotFoundError):
+        core.call(core.fs.lookup, made.ino, b"absent")
+    assert asked == []
+    core.write_file(made.ino, b"here", b"x")
+    assert core.call(core.fs.lookup, made.ino, b"here").size == 1  # asked: it is there
+    # another mount's new name, as the change feed reports it, is looked up again
+    core.fs.changed_elsewhere([EntryChanged(made.ino, 999, b"theirs", gone=False)])
+    with pytest.raises(NotFoundError):
+        core.call(core.fs.lookup, made.ino, b"theirs")
+    assert [args[1] for args in asked] == [b"here", b"theirs"]
+
+
+def test_a_sync_point_between_a_put_and_its_commit_still_settles_the_chunk(core, admin_engine, account):
+    fh, _ = core.call(core.fs.create, core.fs.root_ino, b"streamed", 0o644, 0, 0, os.O_WRONLY)
+    core.call(core.fs.write, fh, 0, os.urandom(CHUNK))  # a whole chunk: put at once
+    core.call(trio.sleep, 0.2)  # (the put runs in the background)
+    core.call(core.fs.committer.sync)  # before the commit names it
+    core.call(core.fs.release, fh)  # committed now
+    core.call(core.fs.committer.sync)
+    assert unsettled(admin_engine, account) == 0

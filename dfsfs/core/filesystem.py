@@ -22,10 +22,11 @@ from dfsfs import recovery
 from dfsfs.chunks.mirrored import MirroredChunkStore
 from dfsfs.core.attrs import AttrView
 from dfsfs.core.caches import TTLCache, WriteBudget
-from dfsfs.core.committer import ChunkWriter, Committer
+from dfsfs.core.committer import Committer
 from dfsfs.core.damage import DamageLog
 from dfsfs.core.handles import HandleTable
 from dfsfs.core.inodes import InodeTable
+from dfsfs.core.listings import KnownListings
 from dfsfs.core.offload import Offload, supervised
 from dfsfs.core.reader import Reader
 from dfsfs.core.removals import InodeReleaser, Reclaimer, RemovalQueue
@@ -40,6 +41,7 @@ from dfsfs.core.settings import (
 from dfsfs.core.write_buffer import FileState, PendingChunk
 from dfsfs.errors import (
     DfsfsError,
+    ExistsError,
     FileTooLargeError,
     InvalidArgumentError,
     IsDirectoryError,
@@ -52,7 +54,7 @@ from dfsfs.errors import (
     StaleError,
 )
 from dfsfs.meta.feed import Change, EntryChanged
-from dfsfs.meta.store import MetadataStore
+from dfsfs.meta.store import RENAME_EXCHANGE, MetadataStore
 from dfsfs.recovery import RecoveryReport
 from dfsfs.types import Attrs, QueuedRemoval, Usage
 
@@ -114,7 +116,7 @@ class FileSystem:
         self.reader = Reader(meta, store, self.offload, settings)
         self.reclaimer = Reclaimer(meta, store, self.offload, self.reader.cache.discard)
         self.committer = Committer(meta, store, self.offload, settings, self.reclaimer.add)
-        self.chunk_writer = ChunkWriter(meta, store, self.offload, self.committer)
+        self.chunk_writer = self.committer.chunk_writer
         self.removals = RemovalQueue(meta, self.offload, self._removed)
         self.releaser = InodeReleaser(meta, self.offload, self.reclaimer.add, self._purged,
                                       grace_s=settings.attr_cache_s + 1.0)
@@ -123,6 +125,7 @@ class FileSystem:
         self._missing_xattrs: TTLCache[tuple[int, bytes], bool] = TTLCache(
             settings.missing_xattr_cache_s)
         self._names: TTLCache[tuple[int, bytes], int] = TTLCache(3600.0, 100_000)  # → ino
+        self.listings = KnownListings()
         self._usage: tuple[float, Usage] | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -201,7 +204,7 @@ class FileSystem:
 
     async def lookup(self, parent_ino: int, name: bytes) -> Attrs:
         _check_name(name)
-        if self.removals.hides(parent_ino, name):
+        if self.removals.hides(parent_ino, name) or self.listings.absent(parent_ino, name):
             raise NotFoundError("no such entry")
         attrs = await self._settled_attrs(self.meta.lookup, parent_ino, name)
         self._names.put((parent_ino, name), attrs.ino)
@@ -303,6 +306,10 @@ class FileSystem:
         for change in changes:
             if isinstance(change, EntryChanged):
                 self._names.discard((change.parent_ino, change.name))
+                if change.gone:
+                    self.listings.removed(change.parent_ino, change.name)
+                else:
+                    self.listings.added(change.parent_ino, change.name)
                 self.attrs.forget(change.parent_ino)
                 if self._kernel_knows(change.parent_ino):
                     deleted = change.ino if change.gone and self.inodes.referenced(change.ino) else 0
@@ -331,12 +338,24 @@ class FileSystem:
                                         now_ns, rdev, target, hold)
         self.attrs.dir_changed(parent_ino, now_ns, nlink_delta=1 if attrs.is_dir else 0)
         self._names.put((parent_ino, name), attrs.ino)
+        self.listings.added(parent_ino, name)
+        if attrs.is_dir:
+            self.listings.known(attrs.ino, set())  # made here, empty
         return self.attrs.shown(attrs)
 
     async def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
                      flags: int) -> tuple[int, Attrs]:
-        attrs = await self.make_node(parent_ino, name, stat_module.S_IFREG | (mode & 0o7777),
-                                     uid, gid, hold=True)
+        try:
+            attrs = await self.make_node(parent_ino, name, stat_module.S_IFREG | (mode & 0o7777),
+                                         uid, gid, hold=True)
+        except ExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # Another mount made the name since this one looked: open what is there.
+            self.listings.forget(parent_ino)
+            attrs = await self.lookup(parent_ino, name)
+            fh, _ = await self.open(attrs.ino, flags)
+            return fh, await self.getattr(attrs.ino)
         self._missing_xattrs.put((attrs.ino, CAPABILITY_XATTR), True)  # a new file has none
         state = self.states.get(attrs.ino)
         if state is None:
@@ -352,6 +371,7 @@ class FileSystem:
         attrs = await self.offload.meta(self.meta.link, ino, new_parent_ino, new_name, now_ns)
         self.attrs.dir_changed(new_parent_ino, now_ns)
         self._names.put((new_parent_ino, new_name), ino)
+        self.listings.added(new_parent_ino, new_name)
         return self.attrs.shown(attrs)
 
     async def unlink(self, parent_ino: int, name: bytes, *, directory: bool = False) -> None:
@@ -360,6 +380,7 @@ class FileSystem:
         removal = QueuedRemoval(parent_ino, name, time.time_ns(), directory)
         await self.removals.remove(removal)
         self._names.discard((parent_ino, name))
+        self.listings.removed(parent_ino, name)
         self.attrs.dir_changed(parent_ino, removal.now_ns, nlink_delta=-1 if directory else 0)
 
     async def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
@@ -380,6 +401,9 @@ class FileSystem:
             self.attrs.forget(ino)
         self._names.discard((old_parent_ino, old_name))
         self._names.put((new_parent_ino, new_name), source_ino)
+        if not flags & RENAME_EXCHANGE:
+            self.listings.removed(old_parent_ino, old_name)
+            self.listings.added(new_parent_ino, new_name)
         if replaced is not None:
             self._removed(replaced)
 
@@ -500,6 +524,7 @@ class FileSystem:
         if state.error is not None:
             error, state.error = state.error, None
             raise error
+        await self.committer.raise_failed_puts(state)
         await self._check_byte_quota(state, offset + len(data))
         await self.budget.wait_for_room(len(data))  # back-pressure before taking memory
         try:

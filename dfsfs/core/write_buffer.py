@@ -39,15 +39,16 @@ class ChunkBuffer:
 
 
 class PendingChunk:
-    """A sealed chunk: being stored (hashed, reserved, put), or stored and waiting for the
-    commit that points the file at it."""
+    """A sealed chunk: being stored (hashed, put), or stored and waiting for the commit
+    that points the file at it."""
 
-    __slots__ = ("data", "ref", "chunk_id", "error", "done")
+    __slots__ = ("data", "ref", "chunk_id", "put_at", "error", "done")
 
     def __init__(self, data: bytes | bytearray):
         self.data = data
         self.ref: ChunkRef | None = None  # None once done without error: all zeros (a hole)
-        self.chunk_id: int | None = None  # the reserved chunk row (this mount holds a use of it)
+        self.chunk_id: int | None = None  # a chunk row this mount holds a use of (if secured)
+        self.put_at = 0.0  # when its put returned (trio clock)
         self.error: BaseException | None = None
         self.done = trio.Event()
 

@@ -34,6 +34,7 @@ from dfsfs.errors import (
     NotFoundError,
     QuotaExceededError,
     StaleError,
+    BusyError,
 )
 from dfsfs.meta.db import Statements, run_statements, sqlstate
 from dfsfs.types import (
@@ -61,7 +62,7 @@ COMMITTED_ATTRIBUTES = ("mtime_ns", "ctime_ns", "atime_ns", "mode", "uid", "gid"
 _REFUSALS = {
     f"DF{error.errno:03d}": error
     for error in (NotFoundError, ExistsError, NotDirectoryError, IsDirectoryError,
-                  NotEmptyError, QuotaExceededError, StaleError)
+                  NotEmptyError, QuotaExceededError, StaleError, BusyError)
 }
 _NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
@@ -238,11 +239,11 @@ class MetadataStore:
         if self.durability.behind:
             self.settle([])
 
-    def settle(self, chunk_ids: list[int]) -> int:
-        """A sync point: these chunks' bytes are durable in the stores now. Committed
+    def settle(self, digests: list[bytes]) -> int:
+        """A sync point: the bytes of these chunks are durable in the stores now. Committed
         durably, so every earlier commit of this mount is durable with it."""
         rows = self._call_durably(
-            "SELECT dfsfs_settle(:account, :session, CAST(:ids AS bigint[]))", ids=chunk_ids)
+            "SELECT dfsfs_settle(:account, :session, CAST(:digests AS bytea[]))", digests=digests)
         return rows[0][0]
 
     # ---- reading ----------------------------------------------------------------
@@ -609,12 +610,13 @@ class MetadataStore:
                      ) -> tuple[list[DfsfsError | None], list[ReclaimableChunk]]:
         """Commit files in one call, in order (see dfsfs_commit_files): each one's error
         or None, and the chunks left without references."""
-        chunk_file, indices, chunk_ids = [], [], []
+        chunk_file, indices, digests, sizes = [], [], [], []
         for number, commit in enumerate(commits, start=1):
-            for index, chunk_id in sorted(commit.chunks.items()):
+            for index, ref in sorted(commit.chunks.items()):
                 chunk_file.append(number)
                 indices.append(index)
-                chunk_ids.append(chunk_id)
+                digests.append(None if ref is None else ref.digest)
+                sizes.append(None if ref is None else ref.size)
         changes = [commit.changes or {} for commit in commits]
         unknown = {name for change in changes for name in change} - set(COMMITTED_ATTRIBUTES)
         if unknown:
@@ -625,13 +627,13 @@ class MetadataStore:
             " CAST(:mtimes AS bigint[]), CAST(:ctimes AS bigint[]), CAST(:atimes AS bigint[]),"
             " CAST(:modes AS integer[]), CAST(:uids AS integer[]), CAST(:gids AS integer[]),"
             " CAST(:chunk_file AS integer[]), CAST(:indices AS bigint[]),"
-            " CAST(:chunk_ids AS bigint[])) AS r",
+            " CAST(:digests AS bytea[]), CAST(:chunk_sizes AS integer[])) AS r",
             inos=[c.ino for c in commits], sizes=[c.size for c in commits],
             drop_from=[c.drop_from_index for c in commits],
             mtimes=[c.get("mtime_ns") for c in changes], ctimes=[c.get("ctime_ns") for c in changes],
             atimes=[c.get("atime_ns") for c in changes], modes=[c.get("mode") for c in changes],
             uids=[c.get("uid") for c in changes], gids=[c.get("gid") for c in changes],
-            chunk_file=chunk_file, indices=indices, chunk_ids=chunk_ids,
+            chunk_file=chunk_file, indices=indices, digests=digests, chunk_sizes=sizes,
         )
         return [None if code is None else refusal(code) for code in row[0]], _chunks(row[1], row[2])
 
@@ -646,11 +648,11 @@ class MetadataStore:
             " CAST(:ids AS bigint[])) AS r", ids=sorted(set(chunk_ids)))
         return [ReclaimableChunk(chunk_id, bytes(digest)) for chunk_id, digest in rows]
 
-    def claim_orphan(self, digest: bytes) -> list[ReclaimableChunk]:
-        """fsck: claim bytes no chunk row names for deletion (see dfsfs_claim_orphan)."""
+    def claim_orphans(self, digests: list[bytes]) -> list[ReclaimableChunk]:
+        """Claim bytes no chunk row names for deletion (see dfsfs_claim_orphans)."""
         rows = self._call_durably(
-            "SELECT r.chunk_id, r.digest FROM dfsfs_claim_orphan(:account, :session, :digest) AS r",
-            digest=digest)
+            "SELECT r.chunk_id, r.digest FROM dfsfs_claim_orphans(:account, :session,"
+            " CAST(:digests AS bytea[])) AS r", digests=sorted(set(digests)))
         return [ReclaimableChunk(chunk_id, bytes(found)) for chunk_id, found in rows]
 
     def finish_reclaim(self, chunk_ids: list[int]) -> int:

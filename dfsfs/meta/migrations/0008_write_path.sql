@@ -1,13 +1,15 @@
 -- Migration 8: the write path as ARCHITECTURE's "Durability" section decides it.
 --
--- A mount stores a chunk in three steps, none of them holding a transaction open while
--- chunk bytes move: (1) dfsfs_reserve_chunks takes a hold on the chunk row (creating it
--- if new) and says whether the bytes must be put; (2) the mount puts them; (3)
--- dfsfs_commit_files turns holds into file references. A hold abandoned before its commit
--- (the chunk was overwritten again) is dropped at once, so a chunk stored but never
--- committed is released at once (invariant 5). A chunk's bytes are deleted only after
--- dfsfs_claim_reclaim has marked its row (refcount 0, no hold) durably as being deleted;
--- a reservation meeting such a row waits for the deletion to finish (invariant 2).
+-- A mount puts a chunk's bytes first, with no metadata call and no transaction open, then
+-- dfsfs_commit_files points the file at it, creating the chunk's row if it is new
+-- (dfsfs_take_chunk). A chunk's bytes are deleted only after dfsfs_claim_reclaim (or
+-- dfsfs_claim_orphans) has marked its row durably as being deleted (refcount 0) and left a
+-- tombstone; a commit that meets such a row, or a tombstone of the last hour for a new
+-- row, is refused: the deletion may have removed the bytes after the mount's put. The
+-- mount then secures the chunk: dfsfs_reserve_chunks takes a hold (waiting while the
+-- deletion is under way) and says whether to put the bytes again, and the commit turns
+-- the hold into a reference (invariant 2). Bytes put and never committed (overwritten
+-- first) are claimed and deleted at once (invariant 5).
 --
 -- Bytes put by a mount are not durable until the mount's next sync point (the commit
 -- interval, fsync, unmount): until then the chunk row says `settled = false` and names
@@ -50,6 +52,23 @@ CREATE TABLE chunk_holds (
     PRIMARY KEY (session_id, chunk_id)
 );
 CREATE INDEX chunk_holds_chunk ON chunk_holds (chunk_id);
+
+-- Chunks whose bytes were claimed for deletion lately. A commit that names a chunk with no
+-- row takes the mount's own put of it on trust only if no deletion of it was claimed in
+-- the last hour (mounts commit a put within minutes): otherwise the deletion may have
+-- removed those bytes after the put, and the mount stores them again under a hold.
+CREATE TABLE chunk_tombstones (
+    user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    sha256 bytea NOT NULL,
+    claimed_at timestamp with time zone NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, sha256)
+);
+CREATE INDEX chunk_tombstones_age ON chunk_tombstones (user_id, claimed_at);
+ALTER TABLE chunk_tombstones ENABLE ROW LEVEL SECURITY;
+ALTER TABLE chunk_tombstones FORCE ROW LEVEL SECURITY;
+CREATE POLICY chunk_tombstones_by_user ON chunk_tombstones
+    USING (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()))
+    WITH CHECK (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()));
 
 -- Inodes a session holds: open in that mount, or still referenced by its kernel. An
 -- inode without names is purged only when no live session holds it.
@@ -199,19 +218,19 @@ BEGIN
       FROM dfsfs_release_chunks(p_account, dropped) AS r;
 END $$;
 
-CREATE FUNCTION dfsfs_settle(p_account bigint, p_session bigint, p_chunk_ids bigint[])
+CREATE FUNCTION dfsfs_settle(p_account bigint, p_session bigint, p_digests bytea[])
 RETURNS integer
 LANGUAGE plpgsql AS $$
--- A sync point: the session made these chunks' bytes durable in the stores. Called in a
--- durable commit, which flushes the WAL with every earlier commit of the mount. It always
--- writes WAL (the session's heartbeat), since PostgreSQL commits a transaction that wrote
--- none without flushing, whatever synchronous_commit says.
+-- A sync point: the session made the bytes of these chunks durable in the stores. Called
+-- in a durable commit, which flushes the WAL with every earlier commit of the mount. It
+-- always writes WAL (the session's heartbeat), since PostgreSQL commits a transaction that
+-- wrote none without flushing, whatever synchronous_commit says.
 DECLARE
     settled integer;
 BEGIN
     UPDATE sessions SET heartbeat_at = now() WHERE id = p_session AND user_id = p_account;
     UPDATE chunks SET settled = true, unsettled_by = NULL
-     WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND NOT chunks.settled
+     WHERE user_id = p_account AND sha256 = ANY(p_digests) AND NOT chunks.settled
        AND deleting_by IS NULL;
     GET DIAGNOSTICS settled = ROW_COUNT;
     RETURN settled;
@@ -219,28 +238,69 @@ END $$;
 
 -- ---- committing files ------------------------------------------------------------------------
 
+CREATE FUNCTION dfsfs_take_chunk(p_account bigint, p_session bigint, p_digest bytea,
+                                 p_size integer, p_uses integer) RETURNS bigint
+LANGUAGE plpgsql AS $$
+-- References for a file about to point `p_uses` chunks at `p_digest`, whose bytes this
+-- session has put: from its hold on the chunk if it has one, else taken directly. Raises
+-- DF016 (busy) when the bytes are being deleted, or were lately (see chunk_tombstones):
+-- the caller reserves the chunk (waiting for the deletion), puts it again and retries.
+DECLARE
+    found_id bigint;
+    held integer;
+    inserted boolean;
+BEGIN
+    SELECT c.id, h.uses INTO found_id, held FROM chunks c
+      LEFT JOIN chunk_holds h ON h.chunk_id = c.id AND h.session_id = p_session
+     WHERE c.user_id = p_account AND c.sha256 = p_digest;
+    IF held >= p_uses THEN
+        UPDATE chunk_holds SET uses = uses - p_uses WHERE session_id = p_session AND chunk_id = found_id;
+        RETURN found_id;
+    END IF;
+    INSERT INTO chunks AS c (user_id, sha256, size, refcount, settled, unsettled_by)
+    VALUES (p_account, p_digest, p_size, p_uses, false, p_session)
+    ON CONFLICT (user_id, sha256) DO UPDATE
+       SET refcount = c.refcount + EXCLUDED.refcount,
+           unsettled_by = CASE WHEN c.settled THEN NULL
+                               WHEN c.unsettled_by IS NULL OR NOT dfsfs_session_live(c.unsettled_by)
+                               THEN p_session ELSE c.unsettled_by END
+     WHERE c.deleting_by IS NULL
+    RETURNING c.id, (c.xmax = 0) INTO found_id, inserted;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'chunk % is being deleted', encode(p_digest, 'hex') USING ERRCODE = 'DF016';
+    END IF;
+    IF inserted THEN
+        IF EXISTS (SELECT 1 FROM chunk_tombstones WHERE user_id = p_account AND sha256 = p_digest
+                    AND claimed_at > now() - interval '1 hour') THEN
+            RAISE EXCEPTION 'chunk % was deleted lately', encode(p_digest, 'hex') USING ERRCODE = 'DF016';
+        END IF;
+        UPDATE usage SET chunks = chunks + 1, stored_bytes = stored_bytes + p_size
+         WHERE user_id = p_account;
+    END IF;
+    RETURN found_id;
+END $$;
+
 CREATE FUNCTION dfsfs_commit_files(
     p_account bigint, p_session bigint,
     p_inos bigint[], p_sizes bigint[], p_drop_from bigint[],
     p_mtimes bigint[], p_ctimes bigint[], p_atimes bigint[],
     p_modes integer[], p_uids integer[], p_gids integer[],
-    p_chunk_file integer[], p_chunk_indices bigint[], p_chunk_ids bigint[],
+    p_chunk_file integer[], p_chunk_indices bigint[], p_digests bytea[], p_chunk_sizes integer[],
     OUT refusals text[], OUT chunk_ids bigint[], OUT digests bytea[])
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 -- Commit several files in one call, in order. File i gets size p_sizes[i], loses its
 -- chunks from index p_drop_from[i] on (NULL: none), takes the attributes given (NULL:
--- unchanged), and its chunk indices listed for it (p_chunk_file = i) point at the chunk
--- ids given (NULL: a hole), each turning one use of this session's hold into a
--- reference. A file is refused whole (its code in refusals[i], else NULL) when it is
--- gone (DF002), over the byte quota (DF122), or names a chunk this session holds no
--- use of (DF116: its session expired and its holds were released; store again).
--- Returns the chunks left without references, for reclaim.
+-- unchanged), and its chunk indices listed for it (p_chunk_file = i) point at the chunks
+-- with the digests given (NULL: a hole), whose bytes this session has put (see
+-- dfsfs_take_chunk). A file is refused whole (nothing of it changes; its code in
+-- refusals[i], else NULL) when it is gone (DF002), over the byte quota (DF122), or names
+-- a chunk being deleted (DF016). Returns the chunks left without references, for reclaim.
 DECLARE
     old inodes;
     i integer;
-    wanted bigint[];
-    missing_hold boolean;
+    wanted record;
+    taken bigint[];
     dropped bigint[];
     released record;
     stored_change bigint;
@@ -249,29 +309,26 @@ BEGIN
     chunk_ids := '{}';
     digests := '{}';
     FOR i IN 1 .. coalesce(array_length(p_inos, 1), 0) LOOP
+      BEGIN
         SELECT * INTO old FROM inodes WHERE id = p_inos[i] AND user_id = p_account FOR UPDATE;
         IF NOT FOUND THEN
-            refusals[i] := 'DF002';
-            CONTINUE;
+            RAISE EXCEPTION 'inode % is gone', p_inos[i] USING ERRCODE = 'DF002';
         END IF;
         IF p_sizes[i] > old.size AND old.nlink > 0 AND EXISTS (
                 SELECT 1 FROM usage u JOIN users a ON a.id = u.user_id
                  WHERE u.user_id = p_account AND a.quota_bytes IS NOT NULL
                    AND u.logical_bytes + (p_sizes[i] - old.size) > a.quota_bytes) THEN
-            refusals[i] := 'DF122';
-            CONTINUE;
+            RAISE EXCEPTION 'byte quota exceeded' USING ERRCODE = 'DF122';
         END IF;
-        SELECT coalesce(array_agg(t.c), '{}') INTO wanted
-          FROM unnest(p_chunk_file, p_chunk_ids) AS t(f, c) WHERE t.f = i AND t.c IS NOT NULL;
-        SELECT EXISTS (
-            SELECT 1 FROM (SELECT c, count(*) AS n FROM unnest(wanted) AS c GROUP BY c) w
-              LEFT JOIN chunk_holds h
-                ON h.session_id = p_session AND h.chunk_id = w.c AND h.user_id = p_account
-             WHERE h.uses IS NULL OR h.uses < w.n) INTO missing_hold;
-        IF missing_hold THEN
-            refusals[i] := 'DF116';
-            CONTINUE;
-        END IF;
+        taken := '{}';
+        FOR wanted IN
+            SELECT t.d, min(t.s) AS s, count(*)::integer AS n
+              FROM unnest(p_chunk_file, p_digests, p_chunk_sizes) AS t(f, d, s)
+             WHERE t.f = i AND t.d IS NOT NULL GROUP BY t.d ORDER BY t.d
+        LOOP
+            taken := taken || array_fill(dfsfs_take_chunk(p_account, p_session, wanted.d, wanted.s,
+                                                          wanted.n), ARRAY[wanted.n]);
+        END LOOP;
         WITH gone AS (
             DELETE FROM file_chunks fc
              WHERE fc.ino = p_inos[i] AND fc.user_id = p_account
@@ -280,16 +337,14 @@ BEGIN
                                      WHERE t.f = i))
             RETURNING fc.chunk_id)
         SELECT coalesce(array_agg(gone.chunk_id), '{}') INTO dropped FROM gone;
-        SELECT coalesce((SELECT sum(c.size) FROM unnest(wanted) AS w(x) JOIN chunks c ON c.id = w.x), 0)
+        SELECT coalesce((SELECT sum(c.size) FROM unnest(taken) AS w(x) JOIN chunks c ON c.id = w.x), 0)
              - coalesce((SELECT sum(c.size) FROM unnest(dropped) AS d(x) JOIN chunks c ON c.id = d.x), 0)
           INTO stored_change;
         INSERT INTO file_chunks (user_id, ino, index, chunk_id)
-        SELECT p_account, p_inos[i], t.x, t.c
-          FROM unnest(p_chunk_file, p_chunk_indices, p_chunk_ids) AS t(f, x, c)
-         WHERE t.f = i AND t.c IS NOT NULL;
-        UPDATE chunk_holds h SET uses = h.uses - w.n
-          FROM (SELECT c, count(*)::integer AS n FROM unnest(wanted) AS c GROUP BY c) w
-         WHERE h.session_id = p_session AND h.chunk_id = w.c AND h.user_id = p_account;
+        SELECT p_account, p_inos[i], t.x, c.id
+          FROM unnest(p_chunk_file, p_chunk_indices, p_digests) AS t(f, x, d)
+          JOIN chunks c ON c.user_id = p_account AND c.sha256 = t.d
+         WHERE t.f = i;
         SELECT r.chunk_ids, r.digests INTO released FROM dfsfs_release_chunks(p_account, dropped) AS r;
         chunk_ids := chunk_ids || released.chunk_ids;
         digests := digests || released.digests;
@@ -303,6 +358,9 @@ BEGIN
             UPDATE usage SET logical_bytes = logical_bytes + (p_sizes[i] - old.size)
              WHERE user_id = p_account;
         END IF;
+      EXCEPTION WHEN SQLSTATE 'DF002' OR SQLSTATE 'DF122' OR SQLSTATE 'DF016' THEN
+        refusals[i] := SQLSTATE;
+      END;
     END LOOP;
     DELETE FROM chunk_holds WHERE session_id = p_session AND user_id = p_account AND uses <= 0;
 END $$;
@@ -315,23 +373,34 @@ LANGUAGE sql AS $$
 -- Mark chunks with no reference and no hold as being deleted by this session. Commit
 -- this durably before deleting their bytes: a reservation then waits instead of trusting
 -- bytes that are going, and after a crash the mark says which bytes may be gone.
-    UPDATE chunks SET deleting_by = p_session, settled = false, unsettled_by = NULL
-     WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND refcount = 0
-       AND deleting_by IS NULL
-    RETURNING id, sha256
+    WITH claimed AS (
+        UPDATE chunks SET deleting_by = p_session, settled = false, unsettled_by = NULL
+         WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND refcount = 0
+           AND deleting_by IS NULL
+        RETURNING id, sha256),
+    remembered AS (
+        INSERT INTO chunk_tombstones (user_id, sha256) SELECT p_account, sha256 FROM claimed
+        ON CONFLICT (user_id, sha256) DO UPDATE SET claimed_at = now()
+        RETURNING 1)
+    SELECT id, sha256 FROM claimed
 $$;
 
-CREATE FUNCTION dfsfs_claim_orphan(p_account bigint, p_session bigint, p_digest bytea)
+CREATE FUNCTION dfsfs_claim_orphans(p_account bigint, p_session bigint, p_digests bytea[])
 RETURNS TABLE (chunk_id bigint, digest bytea)
 LANGUAGE sql AS $$
--- fsck found bytes no chunk row names: a row marked as being deleted by this session
--- (counted like any chunk, so that dfsfs_finish_reclaim can drop it) makes a reservation
--- of the digest wait while the bytes go. Nothing if a row appeared meanwhile.
+-- Bytes that no chunk row names (a mount's put that no commit will name, because it was
+-- overwritten first; what fsck finds): a row marked as being deleted by this session
+-- (counted like any chunk, so that dfsfs_finish_reclaim can drop it) makes a commit or a
+-- reservation of the digest wait while the bytes go. Digests that have a row are left.
     WITH claimed AS (
         INSERT INTO chunks (user_id, sha256, size, refcount, settled, deleting_by)
-        VALUES (p_account, p_digest, 0, 0, false, p_session)
+        SELECT p_account, d, 0, 0, false, p_session FROM unnest(p_digests) AS d ORDER BY d
         ON CONFLICT (user_id, sha256) DO NOTHING
         RETURNING id, sha256),
+    remembered AS (
+        INSERT INTO chunk_tombstones (user_id, sha256) SELECT p_account, sha256 FROM claimed
+        ON CONFLICT (user_id, sha256) DO UPDATE SET claimed_at = now()
+        RETURNING 1),
     counted AS (
         UPDATE usage SET chunks = chunks + (SELECT count(*) FROM claimed)
          WHERE user_id = p_account
@@ -640,6 +709,8 @@ BEGIN
     SELECT coalesce(array_agg(id ORDER BY id), '{}'), coalesce(array_agg(sha256 ORDER BY id), '{}')
       INTO deleting_ids, deleting_digests FROM chunks
      WHERE user_id = p_account AND deleting_by IS NOT NULL AND NOT dfsfs_session_live(deleting_by);
+    -- tombstones no commit can need any more
+    DELETE FROM chunk_tombstones WHERE user_id = p_account AND claimed_at < now() - interval '1 hour';
     -- ended sessions nothing names any more
     DELETE FROM sessions s
      WHERE s.user_id = p_account AND s.ended_at IS NOT NULL
@@ -655,7 +726,7 @@ LANGUAGE sql AS $$
      WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND refcount = 0
        AND deleting_by IS NOT NULL AND NOT dfsfs_session_live(deleting_by)
     RETURNING id, sha256
-$$;
+$$;  -- (their tombstones were written when they were first claimed)
 
 CREATE FUNCTION dfsfs_cut_lost(p_account bigint, p_chunk_size bigint, p_chunk_ids bigint[])
 RETURNS TABLE (ino bigint, old_size bigint, new_size bigint)
@@ -739,12 +810,25 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public AS $$
 $$;
 
 CREATE FUNCTION dfsfs_announce(p_account bigint, p_change text) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = public AS $$
-    SELECT pg_notify('dfsfs_' || feed_key,
-                     coalesce(nullif(current_setting('dfsfs.session_id', true), ''), '0')
-                     || ' ' || p_change)
-      FROM users WHERE id = p_account
-$$;
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = public AS $$
+-- Only when another session of the account is live: a single mount (the usual case) then
+-- pays nothing, nor takes the lock PostgreSQL serialises notifying commits with. Asked
+-- once per transaction (a setting local to it remembers the answer).
+DECLARE
+    me text := coalesce(nullif(current_setting('dfsfs.session_id', true), ''), '0');
+    listened text := current_setting('dfsfs.feed_listened', true);
+BEGIN
+    IF listened IS NULL OR listened = '' THEN
+        listened := CASE WHEN EXISTS (
+            SELECT 1 FROM sessions
+             WHERE user_id = p_account AND ended_at IS NULL AND expires_at > now()
+               AND id <> me::bigint) THEN 'yes' ELSE 'no' END;
+        PERFORM set_config('dfsfs.feed_listened', listened, true);
+    END IF;
+    IF listened = 'yes' THEN
+        PERFORM pg_notify('dfsfs_' || feed_key, me || ' ' || p_change) FROM users WHERE id = p_account;
+    END IF;
+END $$;
 
 CREATE FUNCTION dfsfs_announce_entry() RETURNS trigger
 LANGUAGE plpgsql AS $$
