@@ -544,7 +544,14 @@ class FileSystem:
         """Hand a chunk's bytes to the ChunkWriter: stored now, committed later."""
         state.supersede(index)
         pending = state.pending[index] = PendingChunk(data)
-        self._nursery.start_soon(self.chunk_writer.store_chunk, pending)
+        self._nursery.start_soon(self._store_sealed, state, pending)
+
+    async def _store_sealed(self, state: FileState, pending: PendingChunk) -> None:
+        """Store a sealed chunk; then commit what is stored when enough has gathered, or
+        when writers wait for memory: a streaming writer's file commits behind it."""
+        await self.chunk_writer.store_chunk(pending)
+        if state.pending_bytes >= self.settings.commit_batch_bytes or self.budget.pressure.is_set():
+            self._commit_in_background(state, stored_only=True)
 
     def _charge(self, state: FileState) -> None:
         """Charge the write budget with what `state` holds now."""
@@ -567,17 +574,18 @@ class FileSystem:
             batch = await self.committer.commit_state(state, self._seal, stored_only)
         finally:
             self._charge(state)
-        for pending in batch.values():
-            if pending.ref is not None:
-                self.reader.cache.put(pending.ref.digest, bytes(pending.data))
         if batch or state.committed_size != old_size:
             self._count_growth(state.committed_size - old_size)
             self.attrs.wrote(state.attrs)
 
     def _commit_in_background(self, state: FileState, stored_only: bool = False) -> None:
-        if not state.commit_scheduled:
-            state.commit_scheduled = True
-            self._nursery.start_soon(self._background_commit, state, stored_only)
+        """Commit in the background; asked while one runs, commit again after it (all of
+        it if either asked for that)."""
+        if state.commit_scheduled:
+            state.commit_again = stored_only and state.commit_again is not False
+            return
+        state.commit_scheduled = True
+        self._nursery.start_soon(self._background_commit, state, stored_only)
 
     async def _background_commit(self, state: FileState, stored_only: bool) -> None:
         try:
@@ -589,6 +597,9 @@ class FileSystem:
             # otherwise the writes stay buffered and a later commit retries them
         finally:
             state.commit_scheduled = False
+            again, state.commit_again = state.commit_again, None
+            if again is not None:
+                self._commit_in_background(state, stored_only=again)
 
     async def _commit_idle_or_pressed(self) -> None:
         """Commit writes that sat idle too long, and the largest when memory runs short."""
@@ -599,9 +610,12 @@ class FileSystem:
             self.budget.pressure = trio.Event()
         now = time.monotonic()
         for state in sorted(self.states.values(), key=lambda s: -s.held_bytes):
-            idle = now - state.last_write > self.settings.idle_commit_s
-            if state.has_uncommitted and (pressure or idle):
+            if not state.has_uncommitted:
+                continue
+            if now - state.last_write > self.settings.idle_commit_s:
                 self._commit_in_background(state)
+            elif pressure:  # what is stored goes first; a state with only buffers, whole
+                self._commit_in_background(state, stored_only=bool(state.pending))
 
     async def _truncate(self, ino: int, new_size: int) -> None:
         if new_size < 0:

@@ -81,6 +81,8 @@ class FileState:
         self.last_read_end = -1
         self.error: BaseException | None = None  # a background commit failure, reported later
         self.commit_scheduled = False
+        self.commit_again: bool | None = None  # another commit wanted after the one running
+                                               # (stored_only), or None
         self.charged_bytes = 0  # what this state holds, as charged to the write budget
 
     # ---- what is uncommitted --------------------------------------------------------------
