@@ -14,15 +14,13 @@ from pathlib import Path
 
 import click
 
-from dfsfs.auth import login
 from dfsfs.cli import (
     CommandError,
     get_settings,
-    open_accounts,
+    mount_login,
     read_password,
-    with_recorded_layout,
 )
-from dfsfs.config import Settings, database_url_for
+from dfsfs.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +141,10 @@ def mount(ctx, mountpoint, user_name, foreground, options, password_file):
     fuse_options = tuple(o for o in fuse_options if o != "nonempty")
     mountpoint = check_mountpoint(mountpoint, allow_nonempty)
     name = user_name or getpass.getuser()
-    accounts = open_accounts(settings)
-    account = login(accounts, name, read_password(password_file, confirm=False))
-    settings = with_recorded_layout(settings, accounts.engine)
-    accounts.engine.dispose()
-    request = MountRequest(database_url_for(settings), settings, account.id, mountpoint, fuse_options)
+    settings, client_url, session = mount_login(settings, name,
+                                                read_password(password_file, confirm=False))
+    request = MountRequest(client_url, settings, session.account, mountpoint, fuse_options,
+                           session=session)
     if foreground:
         _serve_in_foreground(settings, request)
     else:

@@ -23,6 +23,7 @@ from dfsfs.fuse_ops import Operations
 from dfsfs.meta.backup_queue import DatabaseBackupQueue
 from dfsfs.meta.db import create_engine
 from dfsfs.meta.store import MetadataStore
+from dfsfs.session import LoginResult, SessionEndedError, keep_alive, logout
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,12 @@ class MountRequest:
     user_id: int
     mountpoint: str
     fuse_options: tuple[str, ...] = ()
+    session: LoginResult | None = None  # the login every statement is scoped by
 
 
 def build_file_system(request: MountRequest) -> FileSystem:
     settings = request.settings
-    engine = create_engine(request.database_url, user_id=request.user_id,
+    engine = create_engine(request.database_url, session_token=request.session.token,
                            pool_size=FUSE_WORKERS // 4, relaxed_commits=True)
     meta = MetadataStore(engine, request.user_id)
     store = MirroredChunkStore(
@@ -101,24 +103,34 @@ def serve(request: MountRequest, on_mounted: Callable[[], None] = lambda: None) 
     clean = False
     try:
         on_mounted()
-        trio.run(_serve_requests, fs)
+        trio.run(_serve_requests, fs, request.settings.session_heartbeat_s)
         clean = True
     finally:
         pyfuse3.close(unmount=True)
         fs.store.close()
+        logout(fs.meta.engine, "unmounted")
         fs.meta.engine.dispose()
         log.info("unmounted %s%s", request.mountpoint, "" if clean else " after an error")
 
 
-async def _serve_requests(fs: FileSystem) -> None:
+async def _serve_requests(fs: FileSystem, heartbeat_s: float) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(fs.run)
         nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(keep_alive, fs.meta.engine, heartbeat_s, _unmount_session_ended)
         if fs.store.backup_queue is not None:
             nursery.start_soon(_drain_backups, fs.store)
         await pyfuse3.main(min_tasks=4, max_tasks=FUSE_WORKERS)
-        await fs.flush_all()
+        try:
+            await fs.flush_all()
+        except SessionEndedError:
+            log.warning("buffered writes could not be committed: the login session has ended")
         nursery.cancel_scope.cancel()
+
+
+def _unmount_session_ended(reason: str) -> None:
+    log.warning("the login session has ended (%s): unmounting", reason)
+    pyfuse3.terminate()
 
 
 async def _drain_backups(store: MirroredChunkStore) -> None:

@@ -1,5 +1,9 @@
 """Shared fixtures: a real PostgreSQL server (throwaway unless DFSFS_TEST_DATABASE_URL is
-set) and a fresh database per test module."""
+set) and a fresh database per test module.
+
+`database_url` names the owner role (root reaches it by peer authentication, as on an
+embedded server): `dfsfs` commands given it have the owner's credentials, and their
+mounts connect as the client role of the same server (`client_url`)."""
 
 import os
 import shutil
@@ -10,6 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from dfsfs.config import CLIENT_ROLE
 from dfsfs.embedded import PostgresServer
 from dfsfs.meta.db import create_engine
 from dfsfs.meta.migrations import migrate
@@ -65,7 +70,7 @@ def database_factory(postgres_server):
 def database_url(database_factory):
     """A fresh, migrated database for each test module."""
     url = database_factory()
-    engine = create_engine(url, admin=True)
+    engine = create_engine(url)
     migrate(engine)
     engine.dispose()
     return url
@@ -73,6 +78,18 @@ def database_url(database_factory):
 
 @pytest.fixture(scope="module")
 def admin_engine(database_url):
-    engine = create_engine(database_url, admin=True)
+    """An engine of the owner role: every row of every account."""
+    engine = create_engine(database_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def client_url(database_url):
+    """The URL of the client role on the module's database (no rights without a login)."""
+    return client_url_of(database_url)
+
+
+def client_url_of(url: str) -> str:
+    return sa.engine.make_url(url).set(username=CLIENT_ROLE, password=None).render_as_string(
+        hide_password=False)

@@ -21,8 +21,11 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from conftest import client_url_of
+from dfsfs.auth import login
 from dfsfs.meta.db import create_engine
 from dfsfs.meta.schema import USER_OWNED_TABLES
+from dfsfs.session import session_engine
 from dfsfs.errors import NotFoundError
 from dfsfs.meta.store import MetadataStore
 from faults import (chunk_file, content, drop_caches, errno_for, mounted, query, read_bytes,
@@ -130,7 +133,7 @@ def test_accounts_are_isolated(deployments):
             assert data is None and code != 0, f"B's {name} opened through A's mount: {data!r}"
 
         # ---- A's metadata store, scoped by A (and by row-level security), finds none of B's
-        engine_a = create_engine(url, user_id=uid_a, pool_size=1)
+        engine_a = scoped_engine(url, "alice", PASSWORD_A)
         try:
             meta_a = MetadataStore(engine_a, uid_a)
             b_root = query(url, "SELECT root_ino FROM users WHERE id = :u", u=uid_b)[0][0]
@@ -214,10 +217,20 @@ def _raise():
     raise LookupError("nothing returned")
 
 
+def scoped_engine(url: str, name: str, password: str):
+    """An engine of the client role under a login session of `name` (as a mount's)."""
+    client_url = client_url_of(url)
+    anonymous = create_engine(client_url, pool_size=1)
+    try:
+        return session_engine(client_url, login(anonymous, name, password), pool_size=1)
+    finally:
+        anonymous.dispose()
+
+
 def row_level_security(url: str, uid_a: int, uid_b: int) -> None:
     """Give both users rows in every user-owned table, then query each table over a
     connection scoped to A without any user filter."""
-    with create_engine(url, admin=True, pool_size=1).begin() as conn:
+    with create_engine(url, pool_size=1).begin() as conn:
         for uid in (uid_a, uid_b):
             conn.execute(sa.text("INSERT INTO backup_queue (user_id, sha256) VALUES (:u, :d)"),
                          {"u": uid, "d": sha(b"queued %d" % uid)})
@@ -229,8 +242,8 @@ def row_level_security(url: str, uid_a: int, uid_b: int) -> None:
         owners[table.name] = {u for (u,) in query(url, f"SELECT DISTINCT user_id FROM {table.name}")}
         assert {uid_a, uid_b} <= owners[table.name], f"{table.name}: the test needs rows of both users"
 
-    engine = create_engine(url, user_id=uid_a, pool_size=1)
-    unscoped = create_engine(url, pool_size=1)  # neither a user nor admin: must see nothing
+    engine = scoped_engine(url, "alice", PASSWORD_A)
+    unscoped = create_engine(client_url_of(url), pool_size=1)  # no login: must see nothing
     try:
         with engine.connect() as conn:
             for table in USER_OWNED_TABLES:

@@ -172,7 +172,7 @@ def test_consistent_namespace_is_clean(admin_engine, database_url, account, dfsf
 
 def test_all_accounts_by_default(database_factory, tmp_path, stores, dfsfs):
     url = database_factory()
-    engine = create_engine(url, admin=True)
+    engine = create_engine(url)
     try:
         migrate(engine)
         for _ in range(2):
@@ -298,7 +298,7 @@ CRASHING_WRITER = textwrap.dedent("""
     from dfsfs.meta.store import MetadataStore
 
     url, primary, backup, user_id = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    meta = MetadataStore(create_engine(url, user_id=user_id), user_id)
+    meta = MetadataStore(create_engine(url), user_id)
     meta.make_node(meta.root_ino, b"interrupted", 0o100644, 0, 0, time.time_ns())
     stores = MirroredChunkStore(LocalChunkStore(primary, "primary"), LocalChunkStore(backup, "backup"))
     for _ in range(3):
