@@ -258,8 +258,13 @@ END $$;
 ALTER ROLE {_ident(role)} NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS LOGIN
     PASSWORD {_literal(verifier)};
 ALTER ROLE {_ident(CLIENT_ROLE)} NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOINHERIT LOGIN;
--- Daemons of every account share the client role, and a role sees the query text of its
--- own backends in pg_stat_activity: keep it empty.
+-- Daemons of every account share the client role. A role sees the query text of its own
+-- backends in pg_stat_activity: keep it empty. And any role may set defaults for itself,
+-- which would weigh on every account's daemon: clear what an account may have set.
+ALTER ROLE {_ident(CLIENT_ROLE)} RESET ALL;
+DELETE FROM pg_db_role_setting
+ WHERE setrole = (SELECT oid FROM pg_roles WHERE rolname = {_literal(CLIENT_ROLE)})
+   AND setdatabase <> 0;
 ALTER ROLE {_ident(CLIENT_ROLE)} SET track_activities = off;
 REVOKE CONNECT, TEMPORARY ON DATABASE postgres FROM PUBLIC;
 REVOKE CONNECT, TEMPORARY ON DATABASE template1 FROM PUBLIC;
@@ -270,6 +275,14 @@ REVOKE CONNECT, TEMPORARY ON DATABASE template1 FROM PUBLIC;
 REVOKE ALL ON DATABASE {_ident(database)} FROM PUBLIC;
 GRANT CONNECT ON DATABASE {_ident(database)} TO {_ident(CLIENT_ROLE)};
 """)
+        # Backends of one role may signal each other, and anyone may fill the disk with
+        # large objects: an account could end or crowd out the others' daemons.
+        self.psql("""
+REVOKE EXECUTE ON FUNCTION pg_catalog.pg_cancel_backend(integer),
+    pg_catalog.pg_terminate_backend(integer, bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION pg_catalog.lo_create(oid), pg_catalog.lo_creat(integer),
+    pg_catalog.lo_from_bytea(oid, bytea) FROM PUBLIC;
+""", database)
 
 
 def _ident(name: str) -> str:

@@ -297,10 +297,12 @@ def test_unknown_user_costs_the_same_time_as_a_wrong_password(accounts, client):
 
     seconds_to_fail(new_name())  # warm up
     samples = {"wrong": [], "unknown": []}
-    for _ in range(15):  # interleaved, so that the machine's load weighs on both alike
+    for _ in range(21):  # interleaved, so that the machine's load weighs on both alike
         samples["wrong"].append(seconds_to_fail(name))
         samples["unknown"].append(seconds_to_fail(new_name()))
-    wrong, unknown = (statistics.median(samples[kind]) for kind in ("wrong", "unknown"))
+    # The lower quartile: what a login costs, less the noise of a busy machine (which
+    # only ever adds time).
+    wrong, unknown = (statistics.quantiles(samples[kind], n=4)[0] for kind in ("wrong", "unknown"))
     assert 0.8 < unknown / wrong < 1.2, samples
 
 

@@ -28,6 +28,29 @@ CONNECT_TIMEOUT_S = 3
 SESSION_ENDED_SQLSTATES = frozenset({"DF128", "DF127"})
 NOT_ADMIN_SQLSTATE = "DF001"
 _TOKEN = re.compile(r"[0-9a-f]{16,128}")
+# Settings every dfsfs connection pins in its startup packet, where they win over role
+# defaults: every role may `ALTER ROLE itself SET …`, and the daemons of all accounts
+# share the client role, so one account could otherwise make every other account's
+# commits non-durable, its connections read-only or its names unresolvable.
+PINNED_SETTINGS = (
+    ("search_path", "public"),
+    ("default_transaction_read_only", "off"),
+    ("default_transaction_isolation", "read committed"),
+    ("default_transaction_deferrable", "off"),
+    ("statement_timeout", "0"),
+    ("lock_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+    ("idle_session_timeout", "0"),
+    ("row_security", "on"),
+    ("bytea_output", "hex"),
+    ("standard_conforming_strings", "on"),
+    ("DateStyle", "ISO"),
+    ("TimeZone", "UTC"),
+    ("enable_indexscan", "on"),
+    ("enable_indexonlyscan", "on"),
+    ("enable_bitmapscan", "on"),
+    ("enable_nestloop", "on"),
+)
 _session_ended: "weakref.WeakKeyDictionary[Engine, threading.Event]" = weakref.WeakKeyDictionary()
 
 
@@ -58,13 +81,11 @@ def create_engine(
     `relaxed_commits`, transactions commit without waiting for the WAL flush unless they
     ask for it (MetadataStore makes fsync, close and every data commit durable).
     """
-    options = []
-    if session_token is not None:
-        if not _TOKEN.fullmatch(session_token):
-            raise ValueError("a session token is hexadecimal")
-        options.append(f"-c dfsfs.session={session_token}")
-    if relaxed_commits:
-        options.append("-c synchronous_commit=off")
+    if session_token is not None and not _TOKEN.fullmatch(session_token):
+        raise ValueError("a session token is hexadecimal")
+    pinned = {**dict(PINNED_SETTINGS), "synchronous_commit": "off" if relaxed_commits else "on",
+              "dfsfs.session": session_token or ""}
+    options = ["-c " + name + "=" + value.replace(" ", "\\ ") for name, value in pinned.items()]
     connect_args = {
         "connect_timeout": CONNECT_TIMEOUT_S,
         # A dead server must not hang a file-system call: keepalives notice it.
@@ -73,9 +94,8 @@ def create_engine(
         "keepalives_interval": 2,
         "keepalives_count": 2,
         "application_name": "dfsfs",
+        "options": " ".join(options),
     }
-    if options:
-        connect_args["options"] = " ".join(options)
     if password is not None:
         connect_args["password"] = password
     engine = sa.create_engine(
