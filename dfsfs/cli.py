@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 
 from dfsfs.auth import login, make_verifier, validate_user_name
 from dfsfs.config import (
+    CLIENT_ROLE,
     DEFAULT_CHUNK_SIZE,
     SECRET_ENVIRONMENT,
     DatabaseAccess,
@@ -284,6 +285,7 @@ def mount_login(settings: Settings, name: str, password: str) -> tuple[Settings,
     engine = session_engine(client_url, result, pool_size=1)
     try:
         settings = with_recorded_layout(with_account_stores(settings, result), engine)
+        warn_about_client_role(engine)
     except BaseException:
         logout(engine)
         raise
@@ -390,7 +392,7 @@ def init(settings: Settings) -> None:
         path = file_url_path(url)
         if path is not None:
             _make_store_root(path)
-    _warn_if_activity_visible(engine)
+    warn_about_client_role(engine)
     if applied:
         click.echo(f"applied migrations: {', '.join(map(str, applied))}")
     else:
@@ -408,26 +410,37 @@ def _make_store_root(path: Path) -> None:
         path.chmod(STORE_ROOT_MODE)
 
 
-def _warn_if_activity_visible(engine: Engine) -> None:
-    """The daemons of all accounts share the client role, and a role sees the query text
-    of its own backends in pg_stat_activity unless track_activities is off for it."""
+def warn_about_client_role(engine: Engine) -> None:
+    """The daemons of all accounts share the client role. A role sees the query text of its
+    own backends in pg_stat_activity unless track_activities is off for it; and any role
+    may set defaults for itself (an account could so weigh on every other account's
+    daemon; the settings that matter are pinned, but not all). Say what needs fixing."""
     settings = run_transaction(engine, lambda conn: conn.execute(sa.text(
-        "SELECT s.setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole"
-        " WHERE r.rolname = (SELECT client_role FROM trust_settings) AND s.setdatabase = 0"
-    )).scalar())
-    if "track_activities=off" not in (settings or []):
-        click.echo(
-            "dfsfs: warning: daemons of different accounts share the client role, which can "
-            "see each other's statements in pg_stat_activity: as a superuser, run "
-            "`ALTER ROLE dfsfs_client SET track_activities = off`", err=True)
+        "SELECT coalesce(array_agg(c ORDER BY c), '{}') FROM pg_db_role_setting s"
+        " JOIN pg_roles r ON r.oid = s.setrole, unnest(s.setconfig) AS c"
+        " WHERE r.rolname = :client AND s.setdatabase IN (0, (SELECT oid FROM pg_database"
+        " WHERE datname = current_database()))"), {"client": CLIENT_ROLE}).scalar())
+    fixes = []
+    if "track_activities=off" not in settings:
+        fixes.append(f"ALTER ROLE {CLIENT_ROLE} SET track_activities = off")
+    unexpected = [setting for setting in settings if setting != "track_activities=off"]
+    if unexpected:
+        fixes[:0] = [f"ALTER ROLE {CLIENT_ROLE} RESET ALL",
+                     f"ALTER ROLE {CLIENT_ROLE} IN DATABASE <this database> RESET ALL"]
+        fixes.append(f"ALTER ROLE {CLIENT_ROLE} SET track_activities = off")
+    if fixes:
+        what = (f"has defaults someone set ({', '.join(unexpected)})" if unexpected else
+                "lets daemons of different accounts see each other's statements in pg_stat_activity")
+        click.echo(f"dfsfs: warning: the client role {CLIENT_ROLE} {what}: ask a superuser of "
+                   f"the database to run: {'; '.join(dict.fromkeys(fixes))}", err=True)
 
 
 def _write_system_config(settings: Settings) -> None:
     """/etc/dfsfs/dfsfs.toml for every user of this machine: the shared server and stores
     (nothing secret: it is world-readable). Written once; an administrator may edit it."""
     path = system_config_file()
-    if path.exists() or settings.data_dir != default_data_dir() and path == system_config_file({}):
-        return
+    if path.exists() or (settings.data_dir != default_data_dir() and path == system_config_file({})):
+        return  # (an explicit DFSFS_SYSTEM_CONFIG, or the system's own data directory)
     values = {"server_dir": str(database(settings).server_dir)}
     for name in ("store_url", "backup_url"):
         value = getattr(settings, name)

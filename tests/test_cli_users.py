@@ -16,6 +16,7 @@ from dfsfs.config import ENVIRONMENT, GiB
 from dfsfs.auth import make_verifier
 from dfsfs.errors import AuthError
 from dfsfs.meta.accounts import AccountStore
+from dfsfs.meta.db import create_engine
 from dfsfs.meta.migrations import LATEST_VERSION
 from dfsfs.meta.schema import chunks, dentries, file_chunks, inodes
 
@@ -355,3 +356,19 @@ def test_an_account_gets_stores_of_its_own(dfsfs, accounts, tmp_path):
     assert (login.primary_store, login.backup_store) == accounts.stores(name)
     assert dfsfs("user", "stores", name, "--clear").exit_code == 0
     assert accounts.stores(name) == (None, None)
+
+
+def test_client_role_defaults_someone_set_are_reported(dfsfs, database_url, admin_engine, client_url):
+    engine = create_engine(client_url, pool_size=1)
+    try:
+        with engine.begin() as conn:  # what any account may do to the role it shares
+            conn.exec_driver_sql("ALTER ROLE dfsfs_client SET work_mem = '64kB'")
+        result = dfsfs("init")
+        assert result.exit_code == 0, result.output
+        assert "has defaults someone set (work_mem=64kB)" in result.stderr
+        assert "ALTER ROLE dfsfs_client RESET ALL" in result.stderr
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("ALTER ROLE dfsfs_client RESET ALL")
+        engine.dispose()
+    assert "warning" not in dfsfs("init").stderr
