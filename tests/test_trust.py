@@ -173,11 +173,23 @@ def test_no_setting_widens_the_scope(scene, hostile):
                       "SET row_security = on", "SET search_path = pg_catalog, public"):
         hostile.rows(statement)
         assert set().union(*visible_accounts(hostile).values()) == {alice}, statement
-    # Another session's token is a secret; a guessed one is no session at all.
-    hostile.rows("SET dfsfs.session = %s", (hashlib.sha256(b"guess").hexdigest(),))
-    assert "session has ended" in hostile.refused("SELECT count(*) FROM inodes")
-    hostile.rows("SET dfsfs.session = ''")
-    assert set().union(*visible_accounts(hostile).values()) == set()
+    # Another session's token is a secret; a guessed one is no session at all: a fresh
+    # connection presenting it is refused, one presenting none sees nothing.
+    guess = f"{bob}:1:" + hashlib.sha256(b"guess").hexdigest()
+    for token in (guess, hashlib.sha256(b"guess").hexdigest()):
+        fresh = Hostile(scene["client_url"], token)
+        try:
+            assert "session has ended" in fresh.refused("SELECT count(*) FROM inodes")
+        finally:
+            fresh.close()
+    fresh = Hostile(scene["client_url"], "")
+    try:
+        assert set().union(*visible_accounts(fresh).values()) == set()
+    finally:
+        fresh.close()
+    # A connection bound to alice's session stays hers whatever it presents afterwards.
+    hostile.rows("SET dfsfs.session = %s", (guess,))
+    assert set().union(*visible_accounts(hostile).values()) == {alice}
     hostile.rows("SET dfsfs.session = %s", (hostile.token,))
     hostile.rows("RESET ALL")
     hostile.rows("SET row_security = off")  # then a query RLS would filter is an error
@@ -208,6 +220,27 @@ def test_no_value_of_any_setting_widens_the_scope(scene, hostile):
             assert visible <= {scene["alice"]}, (name, value, visible)
             tried += 1
     assert tried > 200, tried
+
+
+def test_the_binding_of_the_connection_cannot_be_forged(scene, hostile):
+    """A connection's account is kept in what it drew from owner-only sequences (see
+    migration 7): the client may read them, not draw from or set them."""
+    alice, bob = scene["alice"], scene["bob"]
+    for sequence in ("dfsfs_binding", "dfsfs_bound_at", "dfsfs_sessions_ended"):
+        assert denied(hostile.refused(f"SELECT nextval('{sequence}')"))
+        assert denied(hostile.refused(f"SELECT setval('{sequence}', %s)", (bob * 2 + 1,)))
+        assert denied(hostile.refused(f"ALTER SEQUENCE {sequence} RESTART WITH {bob * 2 + 1}"))
+    assert denied(hostile.refused("SELECT dfsfs_draw('dfsfs_binding', %s)", (bob * 2 + 1,)))
+    assert hostile.rows("SELECT currval('dfsfs_binding') / 2") == [(alice,)]
+    # the hint only picks the path: without a binding, a forged one makes statements fail
+    hostile.rows("DISCARD SEQUENCES")
+    assert "not yet defined" in hostile.refused("SELECT count(*) FROM inodes")
+    hostile.rows("RESET dfsfs.bound")  # ... and without the hint the connection binds again
+    assert set().union(*visible_accounts(hostile).values()) == {alice}
+    hostile.rows("DISCARD ALL")
+    hostile.rows("SET dfsfs.session = %s", (hostile.token,))
+    assert set().union(*visible_accounts(hostile).values()) == {alice}
+    assert hostile.rows("SELECT dfsfs_sees_all()") == [(False,)]
 
 
 def test_no_other_role(hostile):
@@ -526,7 +559,8 @@ def test_every_table_the_client_can_use_is_scoped(admin_engine):
         SELECT tablename, qual FROM pg_policies
          WHERE schemaname = 'public' AND ('dfsfs_client' = ANY(roles) OR 'public' = ANY(roles))""")
     for table, qual in policies:
-        assert "dfsfs_current_account()" in qual or "dfsfs_sees_all()" in qual, (table, qual)
+        assert any(scoping in qual for scoping in (
+            "dfsfs_current_account()", "dfsfs_sees_all()", "dfsfs_bind()")), (table, qual)
 
 
 def test_b_is_unchanged(scene, admin_engine):
