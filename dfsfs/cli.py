@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from dfsfs.auth import login, make_verifier, validate_user_name
 from dfsfs.config import (
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 PASSWORD_ENV = "DFSFS_PASSWORD"
 UNDEFINED_TABLE = "42P01"
 UNDEFINED_FUNCTION = "42883"
-INVALID_AUTHORIZATION = ("28000", "28P01")  # peer or password authentication failed
 STORE_ROOT_MODE = 0o711  # others may enter a shared store root (to their own directory), not list it
 ACCOUNT_DIRECTORY_MODE = 0o700
 
@@ -162,18 +161,21 @@ def open_engine(url: str, **options) -> Engine:
 
 
 def owner_engine(settings: Settings) -> Engine | None:
-    """An engine of the owner role, when this user has its credentials; else None."""
-    url = database(settings).owner_url
-    if url is None:
+    """An engine of the owner role, when this user has its credentials; else None.
+
+    Credentials given as such (owner_url) must work. Those only presumed — the embedded
+    server's owner by peer authentication, a database URL of another role than the
+    client's — are this user's if the server lets the connection in."""
+    access = database(settings)
+    if access.owner_url is None:
         return None
-    engine = create_engine(url, pool_size=2)
+    engine = create_engine(access.owner_url, pool_size=2)
     try:
         with engine.connect() as conn:
             conn.exec_driver_sql("SELECT 1")
     except DBAPIError as error:
         engine.dispose()
-        if getattr(error.orig, "pgcode", None) in INVALID_AUTHORIZATION or "authentication" in str(
-                error.orig):
+        if settings.owner_url is None and isinstance(error, OperationalError):
             log.debug("no owner credentials: %s", str(error.orig).strip().splitlines()[0])
             return None
         raise

@@ -96,7 +96,9 @@ async def keep_alive(engine: Engine, interval_s: float, on_ended: Callable[[str]
         if waited >= interval_s:
             waited = 0.0
             try:
-                await trio.to_thread.run_sync(heartbeat, engine)
+                # Abandoned at unmount if the database does not answer: a heartbeat only
+                # extends the expiry, so whether it lands or not changes nothing.
+                await trio.to_thread.run_sync(heartbeat, engine, abandon_on_cancel=True)
             except SessionEndedError as error:
                 on_ended(str(error))
                 return
