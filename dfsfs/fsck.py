@@ -52,7 +52,7 @@ from dfsfs.types import ReclaimableChunk
 
 # A put takes far less than this; an older temporary file belongs to no running put.
 STALE_TEMP_FILE_AGE_S = 3600
-SESSION_TTL_S = 3600.0  # fsck's own session (its claims on chunks it deletes)
+SESSION_EXPIRY_S = 3600  # fsck's own session (its claims on chunks it deletes)
 BATCH_SIZE = 1000
 
 # Kinds of findings, in the order a summary lists them.
@@ -276,7 +276,8 @@ class _UserCheck:
         self.report = report
         self.progress = progress
         self.meta = MetadataStore(engine, user_id,
-                                  recovery.open_own_session(engine, user_id, SESSION_TTL_S))
+                                  recovery.open_own_session(engine, user_id, "fsck",
+                                                            SESSION_EXPIRY_S))
 
     def run(self) -> None:
         try:

@@ -15,7 +15,7 @@ from dfsfs.chunks.mirrored import MirroredChunkStore
 from dfsfs.errors import StoreUnavailableError
 from sqlalchemy.engine import Engine
 
-from dfsfs.meta.store import MetadataStore, open_session
+from dfsfs.meta.store import MetadataStore, describe_session, open_session
 from dfsfs.types import ReclaimableChunk
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,18 @@ def process_start(pid: int) -> int | None:
         return None
 
 
-def open_own_session(engine: Engine, account_id: int, ttl_s: float) -> int:
-    """A session of the account run by this process on this machine."""
+def open_own_session(engine: Engine, account_id: int, purpose: str, expiry_s: int) -> int:
+    """A session of the account run by this process on this machine (fsck's)."""
     pid = os.getpid()
-    return open_session(engine, account_id, socket.gethostname(), pid, boot_id(),
-                        process_start(pid), ttl_s)
+    return open_session(engine, account_id, purpose, socket.gethostname(), pid, boot_id(),
+                        process_start(pid), expiry_s)
+
+
+def describe_own_session(engine: Engine) -> None:
+    """This process serves the login session of `engine` (a daemon's): a later mount on
+    this machine tells from it when the process is gone."""
+    pid = os.getpid()
+    describe_session(engine, pid, boot_id(), process_start(pid))
 
 
 def sessions_ended_here(meta: MetadataStore) -> list[int]:

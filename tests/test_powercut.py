@@ -267,7 +267,7 @@ class Cycle:
         """dfsfs's own fsck, in this process (its report, not its printed summary), without
         repairs: it only reads the stores, so it reads them beside the lazy FS."""
         primary, backup = self.rig.stores_seen_directly
-        engine = create_engine(self.rig.database_url, admin=True, pool_size=1)
+        engine = create_engine(self.rig.database_url, pool_size=1)
         stores = MirroredChunkStore(open_store(primary.as_uri(), "primary"),
                                     open_store(backup.as_uri(), "backup"))
         try:
@@ -287,7 +287,7 @@ class Cycle:
 
     def query(self, sql: str, **params) -> list[tuple]:
         if self.engine is None:
-            self.engine = create_engine(self.rig.database_url, admin=True, pool_size=1)
+            self.engine = create_engine(self.rig.database_url, pool_size=1)
         with self.engine.connect() as conn:
             return [tuple(row) for row in conn.execute(sa.text(sql), params)]
 

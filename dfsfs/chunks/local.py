@@ -174,7 +174,7 @@ class LocalChunkStore(ChunkStore):
         temp_path = os.path.join(directory, temp_name)
         try:
             self._ensure_directory(directory)
-            _write_file(temp_path, data)
+            _write_file(temp_path, data, self._account_owner(directory))
             os.rename(temp_path, path)
         except OSError as exc:
             _remove_quietly(temp_path)
@@ -183,15 +183,38 @@ class LocalChunkStore(ChunkStore):
     def _ensure_directory(self, directory: str) -> None:
         if directory in self._existing_dirs:
             return
+        existing = directory  # the deepest level that exists already
+        while existing != self.root and not os.path.isdir(existing):
+            existing = os.path.dirname(existing)
         os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
-        # Some of the levels may be new: their entries in their parents, up to root,
-        # become durable with the next sync. This happens once per directory.
+        owner = self._account_owner(directory)
+        if owner is not None:  # levels root made inside an account's directory are its user's
+            for level in (directory, os.path.dirname(directory)):
+                os.chown(level, *owner)
+        # The new levels, and the entry of the first in the level that existed, become
+        # durable with the next sync. This happens once per directory. Only levels whose
+        # entries changed: a shared store root that this user may enter but not read (an
+        # account's directory made by `dfsfs user add`) is never opened.
         with self._lock:
             parent = directory
-            while parent != self.root:
+            while parent != existing:
                 parent = os.path.dirname(parent)
                 self._dirty_dirs.add(parent)
             self._existing_dirs.add(directory)
+
+    def _account_owner(self, directory: str) -> tuple[int, int] | None:
+        """(uid, gid) of the account directory above `directory` when this process is root
+        and another user owns it (`dfsfs user add` gives each account's directory to its
+        Linux user): what root writes there (fsck --repair, a root mount) must stay
+        readable by that user's daemon. None otherwise."""
+        if os.geteuid() != 0:
+            return None
+        account_dir = os.path.dirname(os.path.dirname(directory))
+        try:
+            status = os.stat(account_dir)
+        except OSError:
+            return None
+        return None if status.st_uid == 0 else (status.st_uid, status.st_gid)
 
     def _leaf_directories(self, namespace: int | None) -> Iterator[tuple[int, str, str]]:
         """(namespace, directory, hex[0:4] of the chunks it holds) for each leaf directory."""
@@ -233,9 +256,11 @@ class LocalChunkStore(ChunkStore):
         return StorageError(f"{self.name}: {action} {path} failed: {exc.strerror or exc}")
 
 
-def _write_file(path: str, data: bytes) -> None:
+def _write_file(path: str, data: bytes, owner: tuple[int, int] | None = None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         remaining = memoryview(data)
         while remaining:
             written = os.write(fd, remaining)

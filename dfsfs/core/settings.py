@@ -26,7 +26,5 @@ class CoreSettings:
     metadata_timeout_s: float = 8.0  # then EIO: a frozen database must not hang callers
     attr_cache_s: float = 1.0  # as long as the kernel's own attribute cache
     missing_xattr_cache_s: float = 1.0  # the kernel asks for security.capability before every write
-    session_ttl_s: float = 300.0  # a session not renewed for this long is over
-    session_renew_s: float = 60.0
     metadata_threads: int = 8
     chunk_threads: int = 8

@@ -697,11 +697,6 @@ class MetadataStore:
                           ids=session_ids, reason=reason)
         return rows[0][0]
 
-    def renew_session(self, ttl_s: float) -> None:
-        self._call("UPDATE sessions SET heartbeat_at = now(),"
-                   " expires_at = now() + make_interval(secs => :ttl)"
-                   " WHERE id = :session AND user_id = :account AND ended_at IS NULL", ttl=ttl_s)
-
     # ---- extended attributes -------------------------------------------------------
 
     def get_xattr(self, ino: int, name: bytes) -> bytes:
@@ -795,17 +790,24 @@ class MetadataStore:
         self._run(work)
 
 
-def open_session(engine: Engine, account_id: int, host: str, pid: int, boot_id: str | None,
-                 process_start: int | None, ttl_s: float) -> int:
-    """A new session of the account (a mount), alive for `ttl_s` unless renewed."""
+def open_session(engine: Engine, account_id: int, purpose: str, host: str, pid: int,
+                 boot_id: str | None, process_start: int | None, expiry_s: int) -> int:
+    """A session of the account that holds and claims chunks in the name of this process
+    (see dfsfs_open_session): alive for `expiry_s` unless ended first."""
 
     def work(conn: Statements) -> int:
         return conn.execute(
-            "INSERT INTO sessions (user_id, host, pid, boot_id, process_start, expires_at)"
-            " VALUES (%(account)s, %(host)s, %(pid)s, %(boot)s, %(start)s,"
-            " now() + make_interval(secs => %(ttl)s)) RETURNING id",
-            {"account": account_id, "host": host, "pid": pid, "boot": boot_id,
-             "start": process_start, "ttl": ttl_s},
+            "SELECT dfsfs_open_session(%(account)s, %(purpose)s, %(host)s, %(pid)s, %(boot)s,"
+            " %(start)s, %(expiry)s)",
+            {"account": account_id, "purpose": purpose, "host": host, "pid": pid,
+             "boot": boot_id, "start": process_start, "expiry": expiry_s},
         ).fetchone()[0]
 
     return run_statements(engine, work, transaction=False)
+
+
+def describe_session(engine: Engine, pid: int, boot_id: str | None, process_start: int | None) -> None:
+    """Name this process as the one serving the login session of `engine`."""
+    run_statements(engine, lambda conn: conn.execute(
+        "SELECT dfsfs_describe_session(%(pid)s, %(boot)s, %(start)s)",
+        {"pid": pid, "boot": boot_id, "start": process_start}), transaction=False)

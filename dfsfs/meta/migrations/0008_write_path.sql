@@ -43,13 +43,19 @@ UPDATE inodes i SET stored_bytes = t.bytes
  WHERE i.id = t.ino;
 CREATE INDEX chunks_deleting ON chunks (user_id) WHERE deleting_by IS NOT NULL;
 
+-- Holds and tombstones are rows of one account that name rows of the same account only
+-- (keys with user_id, as migration 7's): a foreign-key check bypasses row-level security.
+ALTER TABLE sessions ADD CONSTRAINT sessions_id_account UNIQUE (id, user_id);
+
 -- Chunks a session reserved and has not committed yet; each counts in chunks.refcount.
 CREATE TABLE chunk_holds (
-    session_id bigint NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-    chunk_id bigint NOT NULL REFERENCES chunks(id),
+    session_id bigint NOT NULL,
+    chunk_id bigint NOT NULL,
     user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     uses integer NOT NULL CHECK (uses >= 0),  -- file chunks it may still point at (0: going)
-    PRIMARY KEY (session_id, chunk_id)
+    PRIMARY KEY (session_id, chunk_id),
+    FOREIGN KEY (session_id, user_id) REFERENCES sessions (id, user_id) ON DELETE CASCADE,
+    FOREIGN KEY (chunk_id, user_id) REFERENCES chunks (id, user_id)
 );
 CREATE INDEX chunk_holds_chunk ON chunk_holds (chunk_id);
 
@@ -64,32 +70,22 @@ CREATE TABLE chunk_tombstones (
     PRIMARY KEY (user_id, sha256)
 );
 CREATE INDEX chunk_tombstones_age ON chunk_tombstones (user_id, claimed_at);
-ALTER TABLE chunk_tombstones ENABLE ROW LEVEL SECURITY;
-ALTER TABLE chunk_tombstones FORCE ROW LEVEL SECURITY;
-CREATE POLICY chunk_tombstones_by_user ON chunk_tombstones
-    USING (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()))
-    WITH CHECK (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()));
 
 -- Inodes a session holds: open in that mount, or still referenced by its kernel. An
 -- inode without names is purged only when no live session holds it.
 CREATE TABLE inode_holds (
-    ino bigint NOT NULL REFERENCES inodes(id) ON DELETE CASCADE,
-    session_id bigint NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    ino bigint NOT NULL,
+    session_id bigint NOT NULL,
     user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    PRIMARY KEY (ino, session_id)
+    PRIMARY KEY (ino, session_id),
+    FOREIGN KEY (ino, user_id) REFERENCES inodes (id, user_id) ON DELETE CASCADE,
+    FOREIGN KEY (session_id, user_id) REFERENCES sessions (id, user_id) ON DELETE CASCADE
 );
 CREATE INDEX inode_holds_session ON inode_holds (session_id);
 
-ALTER TABLE chunk_holds ENABLE ROW LEVEL SECURITY;
-ALTER TABLE chunk_holds FORCE ROW LEVEL SECURITY;
-CREATE POLICY chunk_holds_by_user ON chunk_holds
-    USING (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()))
-    WITH CHECK (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()));
-ALTER TABLE inode_holds ENABLE ROW LEVEL SECURITY;
-ALTER TABLE inode_holds FORCE ROW LEVEL SECURITY;
-CREATE POLICY inode_holds_by_user ON inode_holds
-    USING (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()))
-    WITH CHECK (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()));
+SELECT dfsfs_scope_table('chunk_holds');
+SELECT dfsfs_scope_table('inode_holds');
+SELECT dfsfs_scope_table('chunk_tombstones');
 
 -- ---- the functions of migration 4 this replaces ------------------------------------------
 
@@ -109,6 +105,90 @@ LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM sessions
                     WHERE id = p_session AND ended_at IS NULL AND expires_at > now())
 $$;
+
+-- Which process on which boot of its host runs the session: a later mount on the same
+-- machine tells from these that the session's daemon is gone, without waiting for expiry.
+ALTER TABLE sessions
+    ADD COLUMN boot_id text,  -- /proc/sys/kernel/random/boot_id when the session started
+    ADD COLUMN process_start bigint;  -- the process's start time (clock ticks since boot)
+DO $do$
+BEGIN
+    EXECUTE format('GRANT SELECT (boot_id, process_start) ON sessions TO %I',
+                   (SELECT client_role FROM trust_settings));
+END $do$;
+
+-- The client role may not write `sessions` (migration 7): the functions below do what the
+-- write path needs, as the owner, for an account the caller acts for.
+
+CREATE FUNCTION dfsfs_require_account(p_account bigint) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+-- Raises DF001 unless the caller acts for p_account: a session of that account, an
+-- admin session, or a connection of the owner role.
+BEGIN
+    IF pg_catalog.pg_has_role(session_user, (SELECT owner_role FROM trust_settings), 'MEMBER')
+       OR p_account = dfsfs_current_account() OR dfsfs_session_is_admin() THEN
+        RETURN;
+    END IF;
+    RAISE EXCEPTION 'this session does not act for account %', p_account USING ERRCODE = 'DF001';
+END $$;
+
+CREATE FUNCTION dfsfs_describe_session(p_pid integer, p_boot_id text, p_process_start bigint)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+-- The daemon serving the connection's session names its process (the login ran in the
+-- `dfsfs mount` command, whose process may not be the daemon's).
+BEGIN
+    UPDATE sessions SET pid = p_pid, boot_id = p_boot_id, process_start = p_process_start
+     WHERE id = dfsfs_current_session() AND ended_at IS NULL;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no dfsfs session on this connection' USING ERRCODE = 'DF128';
+    END IF;
+END $$;
+
+CREATE FUNCTION dfsfs_open_session(p_account bigint, p_purpose text, p_host text, p_pid integer,
+                                   p_boot_id text, p_process_start bigint, p_expiry_s integer)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+-- A session that holds and claims chunks of p_account in the name of a process (fsck,
+-- which may act for several accounts under one login): no token, so no connection can
+-- present it; it ends with dfsfs_end_sessions or when it expires.
+DECLARE
+    opened bigint;
+BEGIN
+    PERFORM dfsfs_require_account(p_account);
+    INSERT INTO sessions (user_id, host, pid, boot_id, process_start, expires_at, purpose, expiry_s)
+    VALUES (p_account, left(coalesce(p_host, ''), 255), coalesce(p_pid, 0), p_boot_id,
+            p_process_start, clock_timestamp() + make_interval(secs => p_expiry_s),
+            left(coalesce(p_purpose, 'command'), 32), p_expiry_s)
+    RETURNING id INTO opened;
+    RETURN opened;
+END $$;
+
+CREATE FUNCTION dfsfs_end_sessions(p_account bigint, p_sessions bigint[], p_reason text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+-- End sessions of the account known to be over (a daemon found dead on its own host; a
+-- work session done). Connections bound to them fail at their next statement.
+DECLARE
+    ended integer;
+BEGIN
+    PERFORM dfsfs_require_account(p_account);
+    UPDATE sessions SET ended_at = clock_timestamp(), end_reason = left(p_reason, 64)
+     WHERE id = ANY(p_sessions) AND user_id = p_account AND ended_at IS NULL;
+    GET DIAGNOSTICS ended = ROW_COUNT;
+    IF ended > 0 THEN
+        PERFORM nextval('dfsfs_sessions_ended');
+    END IF;
+    RETURN ended;
+END $$;
+
+CREATE FUNCTION dfsfs_touch_session(p_account bigint, p_session bigint) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+-- A write to WAL that costs nothing else (see dfsfs_settle).
+BEGIN
+    PERFORM dfsfs_require_account(p_account);
+    UPDATE sessions SET heartbeat_at = clock_timestamp() WHERE id = p_session AND user_id = p_account;
+END $$;
 
 -- ---- chunk references ----------------------------------------------------------------------
 
@@ -228,7 +308,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     settled integer;
 BEGIN
-    UPDATE sessions SET heartbeat_at = now() WHERE id = p_session AND user_id = p_account;
+    PERFORM dfsfs_touch_session(p_account, p_session);
     UPDATE chunks SET settled = true, unsettled_by = NULL
      WHERE user_id = p_account AND sha256 = ANY(p_digests) AND NOT chunks.settled
        AND deleting_by IS NULL;
@@ -642,22 +722,6 @@ END $$;
 
 -- ---- recovery ----------------------------------------------------------------------------------
 
--- Which process on which boot of its host runs the session: a later mount on the same
--- machine tells from these that the session's daemon is gone, without waiting for expiry.
-ALTER TABLE sessions
-    ADD COLUMN boot_id text,  -- /proc/sys/kernel/random/boot_id when the session started
-    ADD COLUMN process_start bigint;  -- the process's start time (clock ticks since boot)
-
-CREATE FUNCTION dfsfs_end_sessions(p_account bigint, p_sessions bigint[], p_reason text)
-RETURNS integer
-LANGUAGE sql AS $$
--- End sessions known to be over (a clean unmount; a daemon found dead on its own host).
-    WITH ended AS (
-        UPDATE sessions SET ended_at = now(), end_reason = p_reason
-         WHERE id = ANY(p_sessions) AND user_id = p_account AND ended_at IS NULL
-        RETURNING 1)
-    SELECT count(*)::integer FROM ended
-$$;
 
 CREATE FUNCTION dfsfs_recover(
     p_account bigint,
@@ -665,7 +729,7 @@ CREATE FUNCTION dfsfs_recover(
     OUT reclaim_ids bigint[], OUT reclaim_digests bytea[],
     OUT unsettled_ids bigint[], OUT unsettled_digests bytea[],
     OUT deleting_ids bigint[], OUT deleting_digests bytea[])
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
 #variable_conflict use_column
 -- Settle what sessions of the account left behind when they ended without cleaning up
 -- (a killed daemon, a power cut, a machine gone): end expired sessions; drop the chunk
@@ -678,11 +742,13 @@ DECLARE
     dropped bigint[];
     released record;
 BEGIN
-    WITH expired AS (
-        UPDATE sessions SET ended_at = now(), end_reason = 'expired'
-         WHERE user_id = p_account AND ended_at IS NULL AND expires_at <= now()
-        RETURNING 1)
-    SELECT count(*) INTO ended FROM expired;
+    PERFORM dfsfs_require_account(p_account);  -- (it runs as the owner: every account's rows)
+    UPDATE sessions SET ended_at = expires_at, end_reason = 'expired'
+     WHERE user_id = p_account AND ended_at IS NULL AND expires_at <= clock_timestamp();
+    GET DIAGNOSTICS ended = ROW_COUNT;
+    IF ended > 0 THEN
+        PERFORM nextval('dfsfs_sessions_ended');
+    END IF;
     SELECT coalesce(array_agg(id), '{}') INTO dead FROM sessions
      WHERE user_id = p_account AND ended_at IS NOT NULL;
     -- chunk holds of ended sessions: one reference less per use
@@ -711,9 +777,10 @@ BEGIN
      WHERE user_id = p_account AND deleting_by IS NOT NULL AND NOT dfsfs_session_live(deleting_by);
     -- tombstones no commit can need any more
     DELETE FROM chunk_tombstones WHERE user_id = p_account AND claimed_at < now() - interval '1 hour';
-    -- ended sessions nothing names any more
+    -- sessions ended a day ago (`dfsfs user sessions` lists them until then) that nothing
+    -- names any more
     DELETE FROM sessions s
-     WHERE s.user_id = p_account AND s.ended_at IS NOT NULL
+     WHERE s.user_id = p_account AND s.ended_at < clock_timestamp() - interval '1 day'
        AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.user_id = p_account
                         AND (c.unsettled_by = s.id OR c.deleting_by = s.id));
 END $$;
@@ -803,14 +870,14 @@ END $$;
 ALTER TABLE users ADD COLUMN feed_key text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text);
 
 CREATE FUNCTION dfsfs_feed_channel(p_account bigint) RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public AS $$
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
 -- The channel of an account's change feed, for that account's own connections only.
     SELECT 'dfsfs_' || feed_key FROM users
      WHERE id = p_account AND p_account = (SELECT dfsfs_current_account())
 $$;
 
 CREATE FUNCTION dfsfs_announce(p_account bigint, p_change text) RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = public AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 -- Only when another session of the account is live: a single mount (the usual case) then
 -- pays nothing, nor takes the lock PostgreSQL serialises notifying commits with. Asked
 -- once per transaction (a setting local to it remembers the answer).
@@ -860,3 +927,15 @@ CREATE TRIGGER inodes_announce AFTER UPDATE ON inodes
           OR OLD.uid IS DISTINCT FROM NEW.uid OR OLD.gid IS DISTINCT FROM NEW.gid
           OR OLD.nlink IS DISTINCT FROM NEW.nlink OR OLD.atime_ns IS DISTINCT FROM NEW.atime_ns)
     EXECUTE FUNCTION dfsfs_announce_inode();
+
+-- SECURITY DEFINER functions resolve names in this schema only (never pg_temp first), as
+-- migration 7's.
+DO $do$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+              WHERE p.pronamespace = current_schema()::regnamespace AND p.prosecdef LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', f, current_schema());
+    END LOOP;
+END $do$;
