@@ -274,7 +274,7 @@ def with_account_stores(settings: Settings, result: LoginResult) -> Settings:
         changes["store_url"] = normalise_store_url(result.primary_store, "store")
     if result.backup_store:
         changes["backup_url"] = normalise_store_url(result.backup_store, "backup store")
-    return dataclasses.replace(settings, **changes)
+    return dataclasses.replace(settings, **changes, account_stores=bool(changes))
 
 
 def mount_login(settings: Settings, name: str, password: str) -> tuple[Settings, str, LoginResult]:
@@ -604,7 +604,7 @@ def _delete_namespace(
     from dfsfs.chunks.url import open_store
 
     try:
-        store = open_store(url, store_name)
+        store = open_store(url, store_name, keys_in_url=True)  # (the account's own, if it has some)
         try:
             listed = {digest for _namespace, digest in store.keys(user_id)}
             for digest in listed | set(digests):
@@ -802,7 +802,7 @@ def _read_store_credentials(path: Path) -> tuple[str | None, str | None]:
         url = values.get(role)
         if url is not None:
             url = normalise_store_url(str(url), f"{role} store")
-            open_store(url, role).close()  # a bad URL is refused here, redacted
+            open_store(url, role, keys_in_url=True).close()  # a bad URL is refused here, redacted
         urls.append(url)
     return urls[0], urls[1]
 

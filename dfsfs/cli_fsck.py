@@ -75,8 +75,8 @@ def command(settings: Settings, repair: bool, user_names: tuple[str, ...], all_u
     report = FsckReport()
     for (store_url, backup_url), user_ids in _accounts_by_stores(engine, settings,
                                                                   user_names).items():
-        stores = MirroredChunkStore(open_store(store_url, "primary"),
-                                    open_store(backup_url, "backup"))
+        stores = MirroredChunkStore(open_store(store_url, "primary", keys_in_url=True),
+                                    open_store(backup_url, "backup", keys_in_url=True))
         try:
             with _progress_bar() as progress:
                 _merge(report, check(engine, stores, user_ids, repair, progress))

@@ -90,6 +90,8 @@ class Settings:
     server_dir: Path | None = None
     session_heartbeat_s: float = 60.0  # a mount renews its login session this often
     session_expiry_s: float = 300.0  # ... which ends this long after the last renewal
+    # The stores are the account's own (from its login), whose URLs may carry S3 keys.
+    account_stores: bool = False
 
     def __repr__(self) -> str:  # URLs may carry credentials
         shown = ", ".join(
@@ -98,7 +100,7 @@ class Settings:
         return f"Settings({shown})"
 
 
-SETTING_NAMES = frozenset(f.name for f in fields(Settings))
+SETTING_NAMES = frozenset(f.name for f in fields(Settings)) - {"account_stores"}  # (set by login)
 
 
 def _redacted_value(name: str, value: Any) -> Any:
@@ -227,8 +229,9 @@ def file_url_path(url: str) -> Path | None:
     return Path(unquote(parts.path)) if parts.scheme == "file" else None
 
 
-# Query parameters whose values are secrets (S3 keys, passwords, tokens).
-_SECRET_PARAM = re.compile(r"pass|secret|token|key|credential|signature", re.IGNORECASE)
+# Query parameters whose values are secrets (S3 keys, passwords, tokens; not credentials=,
+# the path of a file of them).
+_SECRET_PARAM = re.compile(r"pass|secret|token|key|signature", re.IGNORECASE)
 
 
 def redact_url(url: str | None) -> str:

@@ -79,8 +79,8 @@ def build_file_system(request: MountRequest) -> FileSystem:
     recovery.describe_own_session(engine)
     meta = MetadataStore(engine, request.account_id, request.session.session_id)
     store = MirroredChunkStore(
-        open_store(settings.store_url, "primary"),
-        open_store(settings.backup_url, "backup"),
+        open_store(settings.store_url, "primary", keys_in_url=settings.account_stores),
+        open_store(settings.backup_url, "backup", keys_in_url=settings.account_stores),
         backup_queue=DatabaseBackupQueue(engine) if settings.backup_mode == "async" else None,
     )
     fs = FileSystem(meta, store, core, capacity_probe=_capacity_probe(settings.store_url))

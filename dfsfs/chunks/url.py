@@ -47,11 +47,15 @@ class Credentials:
 _taken: Credentials | None = None
 
 
-def open_store(url: str, name: str, *, create_bucket: bool = False) -> ChunkStore:
+def open_store(url: str, name: str, *, create_bucket: bool = False,
+               keys_in_url: bool = False) -> ChunkStore:
     """The store `url` names, called `name` in messages and damage records.
 
     S3 credentials come from the URL's credentials= file, else from the start-up
-    environment, else from boto3's own places (~/.aws, instance profile).
+    environment, else from boto3's own places (~/.aws, instance profile). With
+    `keys_in_url`, the URL may carry them (access_key=, secret_key=, session_token=): an
+    account's own stores, which an administrator records in the database and the login
+    hands to the daemon, never through argv, a file or the environment.
     Raises ConfigError for a URL of any other form; no message ever shows a credential.
     """
     if url.startswith("/"):
@@ -63,7 +67,7 @@ def open_store(url: str, name: str, *, create_bucket: bool = False) -> ChunkStor
     if parts.scheme == "file":
         return _open_file(url, parts, name)
     if parts.scheme == "s3":
-        return _open_s3(url, parts, name, create_bucket)
+        return _open_s3(url, parts, name, create_bucket, keys_in_url)
     reason = (f"unknown scheme {parts.scheme!r}" if _SHOWN_NAME.fullmatch(parts.scheme)
               else "not a URL or absolute path")
     raise _bad_url(url, reason)
@@ -124,14 +128,14 @@ def _open_file(url: str, parts: urllib.parse.SplitResult, name: str) -> LocalChu
 
 
 def _open_s3(
-    url: str, parts: urllib.parse.SplitResult, name: str, create_bucket: bool
+    url: str, parts: urllib.parse.SplitResult, name: str, create_bucket: bool, keys_in_url: bool
 ) -> S3ChunkStore:
     if not parts.netloc or "@" in parts.netloc or ":" in parts.netloc:
         raise _bad_url(url, "the host part must be a bucket name (the server goes in "
                        "endpoint=, credentials in a file named by credentials=)")
     if parts.fragment:
         raise _bad_url(url, "an s3 URL has no fragment")
-    parameters = _query_parameters(url, parts.query)
+    parameters = _query_parameters(url, parts.query, keys_in_url)
     endpoint = parameters.get("endpoint")
     if endpoint is not None:
         _check_endpoint(url, endpoint)
@@ -150,18 +154,18 @@ def _open_s3(
     )
 
 
-def _query_parameters(url: str, query: str) -> dict[str, str]:
+def _query_parameters(url: str, query: str, keys_in_url: bool) -> dict[str, str]:
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise _bad_url(url, "malformed query (use name=value pairs joined by &)") from None
     parameters = dict(pairs)
     given_credentials = sorted(set(parameters) & _CREDENTIAL_PARAMETERS)
-    if given_credentials:
+    if given_credentials and not keys_in_url:
         raise _bad_url(url, f"{', '.join(given_credentials)} may not be given in a URL (it "
                        "would show in `ps` and logs): put the keys in a credentials file named "
                        "by credentials=, or in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-    unknown = sorted(set(parameters) - _S3_PARAMETERS)
+    unknown = sorted(set(parameters) - _S3_PARAMETERS - _CREDENTIAL_PARAMETERS)
     if unknown:
         shown = [name if _SHOWN_NAME.fullmatch(name) else "(a name not shown)" for name in unknown]
         raise _bad_url(url, f"unknown parameter(s) {', '.join(shown)}")
@@ -189,6 +193,11 @@ def _timeout(url: str, value: str | None) -> float:
 
 
 def _credentials(url: str, parameters: dict[str, str]) -> Credentials | None:
+    if "access_key" in parameters or "secret_key" in parameters:
+        if "credentials" in parameters or not {"access_key", "secret_key"} <= set(parameters):
+            raise _bad_url(url, "give access_key= and secret_key= together, and no credentials=")
+        return Credentials(parameters["access_key"], parameters["secret_key"],
+                           parameters.get("session_token"))
     path = parameters.get("credentials")
     if path is None:
         return _taken or _from_environment()
