@@ -107,14 +107,16 @@ class Deployment:
             time.sleep(0.2)
         assert report["clean"], f"fsck of {user}: {report['problems'][:20]}"
 
-    def mount(self, user: str | None = None, path: Path | None = None) -> "Mount":
-        """Create the account if needed, mount it at `path` (default: a fresh directory)."""
+    def mount(self, user: str | None = None, path: Path | None = None,
+              options: tuple[str, ...] = ()) -> "Mount":
+        """Create the account if needed, mount it at `path` (default: a fresh directory)
+        with these `-o` options."""
         user = user or "u" + uuid.uuid4().hex[:8]
         self.add_user(user)
         if path is None:
             path = self.base / ("mnt-" + uuid.uuid4().hex[:8])
         Path(path).mkdir(parents=True, exist_ok=True)
-        mnt = Mount(self, user, Path(path))
+        mnt = Mount(self, user, Path(path), options)
         mnt.mount()
         return mnt
 
@@ -122,8 +124,10 @@ class Deployment:
 class Mount:
     """One live mount. Use it as a context manager, or call `cleanup()` (idempotent)."""
 
-    def __init__(self, deployment: Deployment, user: str, path: Path):
+    def __init__(self, deployment: Deployment, user: str, path: Path,
+                 options: tuple[str, ...] = ()):
         self.deployment = deployment
+        self.options = options
         self.user = user
         self.path = Path(os.path.realpath(path))
         self.env = deployment.env
@@ -149,7 +153,8 @@ class Mount:
         assert not is_mount(self.path), f"{self.path} is already mounted"
         self._log_offset = {p: p.stat().st_size for p in self.log_files()}
         _live_mounts.add(self)
-        result = run_cli(["mount", self.path, "--user", self.user], self.env, check=False)
+        result = run_cli(["mount", self.path, "--user", self.user,
+                          *(f"-o{option}" for option in self.options)], self.env, check=False)
         if result.returncode != 0:
             self.cleanup()
             pytest.fail(f"dfsfs mount {self.path} exited {result.returncode}: {result.stderr}\n"

@@ -269,12 +269,23 @@ class FileSystem:
         if target is not None and len(target) >= PATH_MAX:
             raise NameTooLongError("symbolic link target too long")
         await self.removals.settle()  # the name may be one of them
+        mode, gid = await self._inherited_group(parent_ino, mode, gid)
         now_ns = time.time_ns()
         attrs = await self.offload.meta(self.meta.make_node, parent_ino, name, mode, uid, gid,
                                         now_ns, rdev, target, hold)
         self.attrs.dir_changed(parent_ino, now_ns, nlink_delta=1 if attrs.is_dir else 0)
         self._names.put((parent_ino, name), attrs.ino)
         return self.attrs.shown(attrs)
+
+    async def _inherited_group(self, parent_ino: int, mode: int, gid: int) -> tuple[int, int]:
+        """A setgid directory gives new entries its group, and new subdirectories its
+        setgid bit (as ext4 does; the kernel leaves this to the file system)."""
+        parent = self.attrs.kept(parent_ino) or await self.getattr(parent_ino)
+        if not parent.mode & stat_module.S_ISGID:
+            return mode, gid
+        if stat_module.S_ISDIR(mode):
+            mode |= stat_module.S_ISGID
+        return mode, parent.gid
 
     async def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
                      flags: int) -> tuple[int, Attrs]:

@@ -382,8 +382,9 @@ class MetadataStore:
     def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
                new_name: bytes, flags: int, now_ns: int) -> Attrs | None:
         """Rename atomically, serialised with every mount's renames on the server (see
-        dfsfs_rename, migration 9); returns a replaced inode's attributes after it lost the
-        name (see `unlink_each`), or None."""
+        dfsfs_rename, migration 9); returns the attributes after of the inode that had the
+        new name: replaced, it lost that name (see `unlink_each`); exchanged, it has the
+        old one. None if no inode had it."""
         row, = self._call(
             f"SELECT r.replaced IS NULL, {NODE_COLUMNS} FROM dfsfs_rename(:account, :session,"
             " :old_parent, :old_name, :new_parent, :new_name, :flags, :now) AS r,"

@@ -131,9 +131,9 @@ CREATE FUNCTION dfsfs_rename(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 -- rename(2) and renameat2(2) with RENAME_NOREPLACE (1) or RENAME_EXCHANGE (2). Returns
--- the renamed inode after, and the inode whose name was replaced, after it lost that
--- name (NULL if none): left without names, the renaming session holds it until
--- dfsfs_release_inodes (see dfsfs_remove_link). The renamed inode (with EXCHANGE, both)
+-- the renamed inode after, and the inode that had the new name (NULL if none), after:
+-- replaced, it lost that name, and left without names the renaming session holds it
+-- until dfsfs_release_inodes (see dfsfs_remove_link); exchanged, it has the old name. The renamed inode (with EXCHANGE, both)
 -- gets a new ctime, as on ext4; both parents new mtimes and ctimes.
 DECLARE
     source_ino bigint;
@@ -200,7 +200,8 @@ BEGIN
         UPDATE inodes SET mtime_ns = p_now, ctime_ns = p_now,
                           nlink = nlink + CASE WHEN id = p_old_parent THEN -shift ELSE shift END
          WHERE id IN (p_old_parent, p_new_parent) AND user_id = p_account;
-        UPDATE inodes SET ctime_ns = p_now WHERE id = target_ino AND user_id = p_account;
+        UPDATE inodes SET ctime_ns = p_now WHERE id = target_ino AND user_id = p_account
+        RETURNING * INTO replaced;
     ELSE
         IF target_ino IS NOT NULL THEN
             IF source_is_dir AND NOT target_is_dir THEN
