@@ -68,10 +68,15 @@ CREATE TRIGGER dentries_enter_directory BEFORE INSERT OR UPDATE OF parent_ino ON
 CREATE FUNCTION dfsfs_entry_leaves() RETURNS trigger
 LANGUAGE plpgsql AS $$
 -- Before an entry is removed: if it names a directory, lock that directory, which must be
--- empty (a create on another mount may have just put an entry in it).
+-- empty (a create on another mount may have just put an entry in it). Entries that go
+-- with an inode being purged (a cascade, one trigger level down) are let go: an inode is
+-- purged only without names, and whatever a broken tree left in it is fsck's to reattach.
 DECLARE
     named_mode integer;
 BEGIN
+    IF pg_trigger_depth() > 1 THEN
+        RETURN OLD;
+    END IF;
     SELECT mode INTO named_mode FROM inodes WHERE id = OLD.ino FOR NO KEY UPDATE;
     IF FOUND AND named_mode & 61440 = 16384
        AND EXISTS (SELECT 1 FROM dentries WHERE parent_ino = OLD.ino) THEN
