@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from mounting import deployment, mnt, work  # noqa: F401
 
 CHUNK_SIZE = "64K"

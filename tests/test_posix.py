@@ -15,8 +15,10 @@ import time
 import uuid
 from pathlib import Path
 
+import mounting
 import pytest
 import sqlalchemy as sa
+from mounting import work  # noqa: F401
 
 from dfsfs.auth import hash_password
 from dfsfs.errors import DfsfsError, InvalidArgumentError
@@ -24,11 +26,9 @@ from dfsfs.meta.accounts import AccountStore
 from dfsfs.meta.db import create_engine
 from dfsfs.meta.store import MetadataStore
 from dfsfs.recovery import open_own_session
-import mounting
-from mounting import work  # noqa: F401
 
 CHUNK_SIZE = "64K"
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -214,8 +214,8 @@ def test_two_mounts_moving_directories_into_each_other(work, mnt, second, admin_
         a, b = f"a{number}", f"b{number}"
         (work / a).mkdir()
         (work / b).mkdir()
-        outcomes.append(tuple(at_once(lambda: os.rename(work / a, work / b / a),
-                                      lambda: os.rename(there / b, there / a / b))))
+        outcomes.append(tuple(at_once(lambda a=a, b=b: os.rename(work / a, work / b / a),
+                                      lambda a=a, b=b: os.rename(there / b, there / a / b))))
     assert all(0 in outcome and outcome.count(0) == 1 for outcome in outcomes), outcomes
     assert {code for outcome in outcomes for code in outcome} <= {0, errno.EINVAL, errno.ENOENT}
     found = [d for _, dirs, _ in os.walk(work) for d in dirs]
@@ -234,8 +234,8 @@ def test_rmdir_on_one_mount_and_mkdir_inside_on_the_other(work, mnt, second, adm
         d = f"d{number}"
         (work / d).mkdir()
         os.stat(there / d)  # the second mount knows the directory
-        outcomes.append(tuple(at_once(lambda: os.rmdir(work / d),
-                                      lambda: os.mkdir(there / d / "x"))))
+        outcomes.append(tuple(at_once(lambda d=d: os.rmdir(work / d),
+                                      lambda d=d: os.mkdir(there / d / "x"))))
     assert set(outcomes) <= {(0, errno.ENOENT), (errno.ENOTEMPTY, 0)}, outcomes
     account = mounting_account(admin_engine, mnt.user)
     named, reachable = directory_tree(admin_engine, account)
