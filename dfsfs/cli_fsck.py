@@ -1,6 +1,7 @@
 """`dfsfs fsck`: check, and with --repair fix, metadata and both chunk stores."""
 
 import contextlib
+import getpass
 import json
 import sys
 from collections.abc import Iterator
@@ -10,8 +11,15 @@ from sqlalchemy.engine import Engine
 
 from dfsfs.chunks.mirrored import MirroredChunkStore
 from dfsfs.chunks.url import open_store
-from dfsfs.cli import open_engine, pass_settings
-from dfsfs.config import Settings
+from dfsfs.cli import (
+    account_engine,
+    admin_options,
+    administrator_engine,
+    pass_settings,
+    password_file_option,
+    read_password,
+)
+from dfsfs.config import Settings, normalise_store_url
 from dfsfs.fsck import CATEGORIES, FsckReport, ProgressCallback, check
 from dfsfs.meta.accounts import AccountStore
 
@@ -23,9 +31,12 @@ from dfsfs.meta.accounts import AccountStore
 @click.option("--all", "all_users", is_flag=True, help="Check every account (the default).")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the report as JSON: clean, found and repaired per category, problems.")
+@password_file_option
+@admin_options
 @pass_settings
 def command(settings: Settings, repair: bool, user_names: tuple[str, ...], all_users: bool,
-            as_json: bool) -> None:
+            as_json: bool, password_file: str | None, admin_name: str | None,
+            admin_password_file: str | None) -> None:
     """Check the metadata and both chunk stores; with --repair, fix what can be fixed.
 
     \b
@@ -43,8 +54,12 @@ def command(settings: Settings, repair: bool, user_names: tuple[str, ...], all_u
     Repair while none of the checked accounts is mounted: an open file that was deleted
     looks like one a crashed mount left behind.
 
-    fsck needs the database URL, which is what makes an administrator; no password is
-    asked. A progress bar is shown when stderr is a terminal.
+    Checking other accounts than your own needs administrator rights, which the server
+    checks: the owner's credentials (root, for the embedded server) or an administrator's
+    login (--admin-user, default your login name). `--user YOURNAME` checks your own with
+    your password (--password-file, DFSFS_PASSWORD or a prompt). An account with stores
+    of its own (`dfsfs user stores`) is checked in those. A progress bar is shown when
+    stderr is a terminal.
 
     Exit status: 0 when nothing was found; 1 when problems were found, even if --repair
     fixed them all (the summary says what was repaired; a second run shows a clean
@@ -52,15 +67,21 @@ def command(settings: Settings, repair: bool, user_names: tuple[str, ...], all_u
     """
     if user_names and all_users:
         raise click.UsageError("give --user or --all, not both")
-    engine = open_engine(settings)
-    user_ids = _user_ids(engine, user_names) if user_names else None
-    stores = MirroredChunkStore(open_store(settings.store_url, "primary"),
-                                open_store(settings.backup_url, "backup"))
-    try:
-        with _progress_bar() as progress:
-            report = check(engine, stores, user_ids, repair, progress)
-    finally:
-        stores.close()
+    if len(set(user_names)) == 1 and user_names[0] == getpass.getuser():
+        engine = account_engine(settings, user_names[0], admin_name, admin_password_file,
+                                lambda: read_password(password_file, confirm=False))
+    else:
+        engine = administrator_engine(settings, admin_name, admin_password_file)
+    report = FsckReport()
+    for (store_url, backup_url), user_ids in _accounts_by_stores(engine, settings,
+                                                                  user_names).items():
+        stores = MirroredChunkStore(open_store(store_url, "primary"),
+                                    open_store(backup_url, "backup"))
+        try:
+            with _progress_bar() as progress:
+                _merge(report, check(engine, stores, user_ids, repair, progress))
+        finally:
+            stores.close()
     if as_json:
         click.echo(json.dumps(_report_json(report), indent=2))
     else:
@@ -69,15 +90,39 @@ def command(settings: Settings, repair: bool, user_names: tuple[str, ...], all_u
         click.get_current_context().exit(1)
 
 
-def _user_ids(engine: Engine, names: tuple[str, ...]) -> list[int]:
+def _accounts_by_stores(engine: Engine, settings: Settings,
+                        names: tuple[str, ...]) -> dict[tuple[str, str], list[int] | None]:
+    """The accounts to check, grouped by the stores that hold their chunks (their own,
+    if an administrator gave them any, else the configured ones). None: every account."""
     accounts = AccountStore(engine)
-    user_ids = []
-    for name in names:
-        user = accounts.get_user(name)
-        if user is None:
-            raise click.BadParameter(f"no user named {name!r}", param_hint="--user")
-        user_ids.append(user.id)
-    return user_ids
+    if names:
+        users = []
+        for name in names:
+            user = accounts.get_user(name)
+            if user is None:
+                raise click.BadParameter(f"no user named {name!r}", param_hint="--user")
+            users.append(user)
+    else:
+        users = accounts.list_users()
+    groups: dict[tuple[str, str], list[int]] = {}
+    for user in users:
+        primary, backup = accounts.stores(user.name)
+        key = (normalise_store_url(primary, "store") if primary else settings.store_url,
+               normalise_store_url(backup, "backup store") if backup else settings.backup_url)
+        groups.setdefault(key, []).append(user.id)
+    default = (settings.store_url, settings.backup_url)
+    if not names and set(groups) <= {default}:
+        return {default: None}  # every account, and accounts made while checking
+    return groups
+
+
+def _merge(total: FsckReport, part: FsckReport) -> None:
+    total.users_checked += part.users_checked
+    total.chunks_verified += part.chunks_verified
+    total.stale_temp_files_removed += part.stale_temp_files_removed
+    total.found.update(part.found)
+    total.repaired.update(part.repaired)
+    total.problems.extend(part.problems)
 
 
 @contextlib.contextmanager

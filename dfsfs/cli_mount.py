@@ -17,16 +17,14 @@ from pathlib import Path
 
 import click
 
-from dfsfs.auth import login
 from dfsfs.cli import (
     CommandError,
     get_settings,
-    open_accounts,
+    mount_login,
     read_password,
-    with_recorded_layout,
 )
 from dfsfs.chunks.url import take_environment_credentials
-from dfsfs.config import Settings, database_url_for
+from dfsfs.config import Settings
 from dfsfs.mount_helper import MOUNT_ONLY_OPTIONS
 from dfsfs.programs import find_program
 
@@ -297,12 +295,10 @@ def mount(ctx, mountpoint, user_name, foreground, options, password_file):
     settings = get_settings(ctx)
     mountpoint = check_mountpoint(mountpoint, parsed.nonempty)
     name = user_name or getpass.getuser()
-    accounts = open_accounts(settings)
-    account = login(accounts, name, read_password(password_file, confirm=False))
-    settings = with_recorded_layout(settings, accounts.engine)
-    accounts.engine.dispose()
-    request = MountRequest(database_url_for(settings), settings, account.id, mountpoint,
-                           parsed.kernel, account_name=account.name, **parsed.request)
+    settings, client_url, session = mount_login(settings, name,
+                                                read_password(password_file, confirm=False))
+    request = MountRequest(client_url, settings, session.account, mountpoint, parsed.kernel,
+                           account_name=session.name, session=session, **parsed.request)
     if foreground:
         _serve_in_foreground(settings, request)
     else:

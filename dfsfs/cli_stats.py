@@ -6,8 +6,14 @@ from datetime import datetime
 
 import click
 
-from dfsfs.auth import login
-from dfsfs.cli import open_accounts, open_engine, pass_settings, password_file_option, read_password
+from dfsfs.cli import (
+    admin_options,
+    administrator_engine,
+    login_session,
+    pass_settings,
+    password_file_option,
+    read_password,
+)
 from dfsfs.config import Settings, format_size
 from dfsfs.meta.layout import recorded_chunk_size
 from dfsfs.stats import DEFAULT_TOP_N, all_stats, user_stats
@@ -17,21 +23,23 @@ from dfsfs.stats import DEFAULT_TOP_N, all_stats, user_stats
 @click.option("--user", "user_name", metavar="NAME",
               help="The account to show (default: your login name).")
 @click.option("--all", "all_users", is_flag=True,
-              help="Every account, for administrators: no password is asked.")
+              help="Every account, for administrators (owner credentials or an admin login).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (keys below) instead of a table.")
 @click.option("--top", "top_n", type=click.IntRange(min=0), default=DEFAULT_TOP_N, show_default=True,
               help="How many of the largest directories to list (0: skip that walk).")
 @password_file_option
+@admin_options
 @pass_settings
 def command(settings: Settings, user_name: str | None, all_users: bool, as_json: bool, top_n: int,
-            password_file: str | None) -> None:
+            password_file: str | None, admin_name: str | None,
+            admin_password_file: str | None) -> None:
     """Show storage use: files, bytes before and after deduplication, quotas, backup
     coverage, damage records, the last fsck and the largest directories.
 
     For one account, dfsfs logs in as that account: the password is read from
-    --password-file, else from DFSFS_PASSWORD, else prompted. --all lists every account
-    without a password: it reads the database directly, and holding the database URL is
-    what makes an administrator.
+    --password-file, else from DFSFS_PASSWORD, else prompted. --all lists every account:
+    the server allows it to the owner's credentials (root, for the embedded server) and
+    to an administrator's login (--admin-user, default your login name).
 
     \b
     JSON keys (one object, or a list of them with --all; docs/stats.md has details):
@@ -46,14 +54,13 @@ def command(settings: Settings, user_name: str | None, all_users: bool, as_json:
     if all_users and user_name:
         raise click.UsageError("give --user or --all, not both")
     if all_users:
-        engine = open_engine(settings)
+        engine = administrator_engine(settings, admin_name, admin_password_file)
         stats = all_stats(engine, recorded_chunk_size(engine), top_n)
         click.echo(json.dumps(stats, indent=2) if as_json else _accounts_table(stats))
         return
-    user = login(open_accounts(settings), user_name or getpass.getuser(),
-                 read_password(password_file, confirm=False))
-    engine = open_engine(settings, admin=False, user_id=user.id)
-    stats = user_stats(engine, user.id, recorded_chunk_size(engine), top_n)
+    login, engine = login_session(settings, user_name or getpass.getuser(),
+                                  read_password(password_file, confirm=False))
+    stats = user_stats(engine, login.account, recorded_chunk_size(engine), top_n)
     click.echo(json.dumps(stats, indent=2) if as_json else _account_report(stats))
 
 

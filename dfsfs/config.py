@@ -1,9 +1,16 @@
 """Settings from flags, environment, config file and defaults, validated once at start-up.
 
 Precedence: flags > environment > config file > defaults. The config file is TOML whose
-keys are the field names of `Settings` (for example ``chunk_size = "4M"``).
+keys are the field names of `Settings` (for example ``chunk_size = "4M"``): the user's
+(DATA_DIR/config.toml), else the system install's (/etc/dfsfs/dfsfs.toml, written by
+`dfsfs init` as root; every user of the machine then mounts from the shared server).
+
+Secrets (the owner's database password, S3 keys, account passwords) never come from argv,
+are taken out of the environment as soon as they are read, and are read only from files
+no one else may read: such a file with group or other permission bits is refused.
 """
 
+import ctypes
 import fcntl
 import logging
 import math
@@ -29,7 +36,9 @@ MIN_CHUNK_SIZE = 4 * KiB
 MAX_CHUNK_SIZE = 64 * MiB
 BACKUP_MODES = ("sync", "async")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-SYSTEM_CONFIG_FILE = Path("/etc/dfsfs/config.toml")
+SYSTEM_CONFIG_FILE = Path("/etc/dfsfs/dfsfs.toml")
+SYSTEM_CONFIG_ENV = "DFSFS_SYSTEM_CONFIG"  # another path for it (tests, packaging)
+CLIENT_ROLE = "dfsfs_client"  # the unprivileged role of daemons and account commands
 DATABASE_SCHEMES = ("postgresql", "postgresql+psycopg2", "postgres")
 STORE_SCHEMES = ("file", "s3")
 
@@ -46,7 +55,14 @@ ENVIRONMENT = {
     "readahead_chunks": "DFSFS_READAHEAD",
     "config_file": "DFSFS_CONFIG",
     "log_level": "DFSFS_LOG_LEVEL",
+    "owner_url": "DFSFS_OWNER_URL",
+    "server_dir": "DFSFS_SERVER_DIR",
+    "session_heartbeat_s": "DFSFS_SESSION_HEARTBEAT",
+    "session_expiry_s": "DFSFS_SESSION_EXPIRY",
 }
+# Variables holding secrets: taken out of the environment (and wiped from the process's
+# initial environment block, which /proc/PID/environ shows) as soon as dfsfs starts.
+SECRET_ENVIRONMENT = ("DFSFS_PASSWORD", "DFSFS_OWNER_URL")
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,15 @@ class Settings:
     entry_timeout_s: float = 1.0
     log_level: str = "WARNING"
     config_file: Path | None = None  # the file that was read, if any
+    # The owner's credentials (dfsfs init, administration) when database_url names the
+    # client role: a secret, so only from a private config file or DFSFS_OWNER_URL.
+    owner_url: str | None = None
+    # The embedded server's directory (socket, cluster); default DATA_DIR/postgres. A
+    # system install names its shared server here; only the OS user who owns it (or
+    # root) starts it, everyone else connects as the client role.
+    server_dir: Path | None = None
+    session_heartbeat_s: float = 60.0  # a mount renews its login session this often
+    session_expiry_s: float = 300.0  # ... which ends this long after the last renewal
 
     def __repr__(self) -> str:  # URLs may carry credentials
         shown = ", ".join(
@@ -245,6 +270,10 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "entry_timeout_s": _parse_number("entry timeout", float, "number of seconds"),
     "log_level": _parse_choice("log level", LOG_LEVELS, normalise=str.upper),
     "config_file": _parse_path("config file"),
+    "owner_url": normalise_database_url,
+    "server_dir": _parse_path("server directory"),
+    "session_heartbeat_s": _parse_number("session heartbeat", float, "number of seconds"),
+    "session_expiry_s": _parse_number("session expiry", float, "number of seconds"),
 }
 
 
@@ -272,13 +301,20 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {name: environ[var] for name, var in ENVIRONMENT.items() if environ.get(var)}
 
 
-def _config_file_path(explicit: Any, data_dir: Path) -> Path | None:
+def system_config_file(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the system install's settings are (written by `dfsfs init` as root)."""
+    environ = os.environ if environ is None else environ
+    override = environ.get(SYSTEM_CONFIG_ENV)
+    return Path(override) if override else SYSTEM_CONFIG_FILE
+
+
+def _config_file_path(explicit: Any, data_dir: Path, environ: Mapping[str, str]) -> Path | None:
     if explicit is not None:
         path = PARSERS["config_file"](explicit)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         return path
-    for candidate in (data_dir / "config.toml", SYSTEM_CONFIG_FILE):
+    for candidate in (data_dir / "config.toml", system_config_file(environ)):
         if candidate.is_file():
             return candidate
     return None
@@ -299,7 +335,63 @@ def read_config_file(path: Path) -> dict[str, Any]:
             f"config file {path} has unknown key(s): {', '.join(sorted(unknown))}; "
             f"known keys: {', '.join(sorted(SETTING_NAMES - {'config_file'}))}"
         )
+    secrets_held = [name for name, value in values.items() if holds_secret(name, value)]
+    if secrets_held:
+        check_private_file(path, f"secrets ({', '.join(sorted(secrets_held))})")
     return values
+
+
+def holds_secret(name: str, value: Any) -> bool:
+    """Whether a setting's value is a secret: a database password (except the client
+    role's, which opens nothing without an account's login) or S3 keys in a store URL."""
+    if not isinstance(value, str) or not name.endswith("_url"):
+        return False
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return True
+    if name in ("database_url", "owner_url"):
+        return bool(parts.password) and (name == "owner_url" or parts.username != CLIENT_ROLE)
+    return any(_SECRET_PARAM.search(key) for key, _ in parse_qsl(parts.query))
+
+
+def check_private_file(path: Path | str, holding: str) -> None:
+    """Refuse a file holding secrets that others may read or write (group or other
+    permission bits), with a message naming the file and the fix."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"{path} holds {holding} but others may access it (mode {mode & 0o777:03o}): "
+            f"run `chmod 600 {path}` and keep it readable by its owner only"
+        )
+
+
+def take_secret_environment(names=SECRET_ENVIRONMENT) -> dict[str, str]:
+    """Take the secret variables out of this process's environment and return them.
+
+    os.environ.pop alone is not enough: /proc/PID/environ shows the process's initial
+    environment block, which unsetenv leaves as it was, and a forked daemon inherits it.
+    So each value is first overwritten with NUL bytes where it lies in that block.
+    """
+    taken = {}
+    wanted = {name.encode() + b"=": name for name in names if name in os.environ}
+    if not wanted:
+        return taken
+    environ = ctypes.POINTER(ctypes.c_void_p).in_dll(ctypes.CDLL(None), "environ")
+    index = 0
+    while environ[index]:
+        address = environ[index]
+        entry = ctypes.string_at(address)
+        for prefix, name in wanted.items():
+            if entry.startswith(prefix):
+                ctypes.memset(address + len(prefix), 0, len(entry) - len(prefix))
+        index += 1
+    for name in wanted.values():
+        taken[name] = os.environ.pop(name)
+    return taken
 
 
 def _parse_all(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -316,7 +408,7 @@ def load_settings(
     # The config file is looked for in the data directory given by flag or environment.
     data_dir = PARSERS["data_dir"](outer["data_dir"]) if "data_dir" in outer else None
     config_file = _config_file_path(
-        outer.pop("config_file", None), data_dir or default_data_dir(environ)
+        outer.pop("config_file", None), data_dir or default_data_dir(environ), environ
     )
     from_file = read_config_file(config_file) if config_file else {}
     values = _parse_all({**from_file, **outer})
@@ -334,6 +426,11 @@ def load_settings(
 
 
 def _check_consistent(settings: Settings) -> None:
+    if not 0 < settings.session_heartbeat_s < settings.session_expiry_s:
+        raise ConfigError(
+            f"the session heartbeat ({settings.session_heartbeat_s:g} s) must be shorter "
+            f"than the session expiry ({settings.session_expiry_s:g} s)"
+        )
     if settings.store_url.rstrip("/") == settings.backup_url.rstrip("/"):
         raise ConfigError(
             f"the backup store must differ from the primary store "
@@ -356,25 +453,95 @@ def check_write_buffer_fits(settings: Settings, chunk_size: int) -> None:
 EMBEDDED_DATABASE = "dfsfs"
 
 
+@dataclass(frozen=True)
+class DatabaseAccess:
+    """How this invocation reaches the metadata database.
+
+    `client_url` names the client role: daemons and account commands use it, always
+    (the daemon never holds more than one account's session). `owner_url` names the
+    owner role when this user has its credentials (a configured owner URL or database
+    URL of another role, or the embedded server's administrator connecting by peer),
+    else None: administration then needs an administrator's login.
+    """
+
+    client_url: str
+    owner_url: str | None
+    embedded: bool
+    server_dir: Path | None = None  # the embedded server's directory
+
+    def __repr__(self) -> str:
+        return (f"DatabaseAccess(client_url={redact_url(self.client_url)!r}, "
+                f"owner_url={redact_url(self.owner_url) if self.owner_url else None!r})")
+
+
+def embedded_server_dir(settings: Settings) -> Path:
+    return settings.server_dir or settings.data_dir / "postgres"
+
+
+def database_access(settings: Settings) -> DatabaseAccess:
+    """The URLs of a reachable metadata database: the configured one, or the embedded
+    server (started now when this user administers it and it is not running)."""
+    if settings.database_url is not None:
+        url = sa_make_url(settings.database_url)
+        if url.username == CLIENT_ROLE:
+            client_url, owner_url = settings.database_url, settings.owner_url
+        else:
+            client_url = url.set(username=CLIENT_ROLE, password=None).render_as_string(
+                hide_password=False)
+            owner_url = settings.owner_url or settings.database_url
+        access = DatabaseAccess(client_url, owner_url, embedded=False)
+    else:
+        access = _embedded(settings)
+    _check_reachable(access.client_url)
+    return access
+
+
 def database_url_for(settings: Settings) -> str:
-    """The URL of a reachable metadata database: the configured one, or the embedded
-    server in the data directory (started now unless it is already running)."""
-    url = settings.database_url or _start_embedded(settings.data_dir)
-    _check_reachable(url)
-    return url
+    """The URL administration connects with: the owner's when this user has it, else
+    the client role's."""
+    access = database_access(settings)
+    return access.owner_url or access.client_url
 
 
-def _start_embedded(data_dir: Path) -> str:
+def sa_make_url(url: str):
+    from sqlalchemy.engine import make_url
+
+    return make_url(url)
+
+
+def administers_server(server_dir: Path) -> bool:
+    """Whether this user may start (and connects by peer as the owner of) the embedded
+    server in `server_dir`: root, or the owner of a private server's directory."""
+    if os.geteuid() == 0:
+        return True
+    for path in (server_dir, *server_dir.parents):
+        if path.exists():
+            return path.stat().st_uid == os.geteuid()
+    return False
+
+
+def _embedded(settings: Settings) -> DatabaseAccess:
     from dfsfs.embedded import PostgresServer
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    server_dir = embedded_server_dir(settings)
+    if not administers_server(server_dir):
+        server = PostgresServer(server_dir)
+        if not (server_dir / f".s.PGSQL.{server.port}").exists():
+            raise ConfigError(
+                f"the dfsfs PostgreSQL server in {server_dir} is not running: ask the "
+                "administrator of this machine to start it")
+        return DatabaseAccess(server.client_url(EMBEDDED_DATABASE), settings.owner_url,
+                              embedded=True, server_dir=server_dir)
+    server_dir.parent.mkdir(parents=True, exist_ok=True)
     # Two dfsfs commands starting at once must not both run pg_ctl start.
-    with open(data_dir / "postgres.lock", "w") as lock:
+    with open(server_dir.parent / "postgres.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        server = PostgresServer(data_dir / "postgres")
+        server = PostgresServer(server_dir)
         server.start()
         server.ensure_database(EMBEDDED_DATABASE)
-    return server.url(EMBEDDED_DATABASE)
+    return DatabaseAccess(server.client_url(EMBEDDED_DATABASE),
+                          settings.owner_url or server.url(EMBEDDED_DATABASE),
+                          embedded=True, server_dir=server_dir)
 
 
 def _check_reachable(url: str) -> None:

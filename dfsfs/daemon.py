@@ -23,10 +23,12 @@ from dfsfs.core.filesystem import FileSystem
 from dfsfs.core.offload import supervised
 from dfsfs.core.settings import CoreSettings
 from dfsfs.errors import DfsfsError
-from dfsfs.fuse_ops import Operations
+from dfsfs.fuse_ops import Operations, ShownOwnership
 from dfsfs.meta.backup_queue import DatabaseBackupQueue
 from dfsfs.meta.db import create_engine
+from dfsfs.meta.feed import ChangeFeed
 from dfsfs.meta.store import MetadataStore
+from dfsfs.session import LoginResult, SessionEndedError, keep_alive, logout
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ class MountRequest:
     atime: str = "noatime"  # noatime | relatime | strictatime (atime updates, as on ext4)
     commit_interval_s: float | None = None  # commit=: seconds until a close is durable (None: 1)
     sync: bool = False  # sync: close() returns once the file is durable
+    session: LoginResult | None = None  # the login every statement is scoped by
 
 
 def core_settings(request: MountRequest) -> CoreSettings:
@@ -63,6 +66,7 @@ def core_settings(request: MountRequest) -> CoreSettings:
         attr_cache_s=settings.attr_timeout_s,
         commit_interval_s=request.commit_interval_s or CoreSettings.commit_interval_s,
         sync_close=request.sync,
+        atime=request.atime,
         commit_batch_bytes=max(settings.chunk_size, min(32 << 20, settings.write_buffer_bytes // 4)),
     )
 
@@ -70,10 +74,10 @@ def core_settings(request: MountRequest) -> CoreSettings:
 def build_file_system(request: MountRequest) -> FileSystem:
     settings = request.settings
     core = core_settings(request)
-    engine = create_engine(request.database_url, user_id=request.account_id,
+    engine = create_engine(request.database_url, session_token=request.session.token,
                            pool_size=FUSE_WORKERS // 4, relaxed_commits=True)
-    session_id = recovery.open_own_session(engine, request.account_id, core.session_ttl_s)
-    meta = MetadataStore(engine, request.account_id, session_id)
+    recovery.describe_own_session(engine)
+    meta = MetadataStore(engine, request.account_id, request.session.session_id)
     store = MirroredChunkStore(
         open_store(settings.store_url, "primary"),
         open_store(settings.backup_url, "backup"),
@@ -110,7 +114,8 @@ def fuse_options(request: MountRequest) -> set[str]:
 def serve(request: MountRequest, on_mounted: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or signalled. Raises if mounting fails."""
     fs = build_file_system(request)
-    operations = Operations(fs, request.settings.attr_timeout_s, request.settings.entry_timeout_s)
+    operations = Operations(fs, request.settings.attr_timeout_s, request.settings.entry_timeout_s,
+                            ShownOwnership(request.owner_uid, request.owner_gid, request.umask or 0))
     clean = False
     try:
         pyfuse3.init(operations, request.mountpoint, fuse_options(request))
@@ -118,47 +123,57 @@ def serve(request: MountRequest, on_mounted: Callable[[], None] = lambda: None) 
                  request.mountpoint, fs.meta.session_id)
         try:
             on_mounted()
-            trio.run(_serve_requests, fs)
+            trio.run(_serve_requests, fs, operations, request.settings.session_heartbeat_s)
             clean = True
         finally:
             pyfuse3.close(unmount=True)
     finally:
-        _end_session(fs, clean)
         fs.store.close()
+        logout(fs.meta.engine, "unmounted")
         fs.meta.engine.dispose()
         log.info("unmounted %s%s", request.mountpoint, "" if clean else " after an error")
 
 
-def _end_session(fs: FileSystem, clean: bool) -> None:
-    """A clean end lets the next mount know at once that nothing of this session is left;
-    after an error the session stays until it expires, and recovery settles it."""
-    if not clean:
-        return
-    try:
-        fs.meta.end_sessions([fs.meta.session_id], "unmounted")
-    except DfsfsError as error:
-        log.warning("could not end session %d (it expires on its own): %s",
-                    fs.meta.session_id, error)
-
-
-async def _serve_requests(fs: FileSystem) -> None:
+async def _serve_requests(fs: FileSystem, operations: Operations, heartbeat_s: float) -> None:
     async with fs.running():
         await fs.recover(await trio.to_thread.run_sync(recovery.sessions_ended_here, fs.meta))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_terminate_on_signals)
-            nursery.start_soon(supervised, "session renewal", _renew_session(fs))
+            nursery.start_soon(keep_alive, fs.meta.engine, heartbeat_s, _unmount_session_ended)
+            nursery.start_soon(supervised, "change feed", _follow_changes(fs, operations))
             if fs.store.backup_queue is not None:
                 nursery.start_soon(supervised, "backup copies", _drain_backups(fs.store))
             await pyfuse3.main(min_tasks=4, max_tasks=FUSE_WORKERS)
             nursery.cancel_scope.cancel()
 
 
-def _renew_session(fs: FileSystem):
+def _follow_changes(fs: FileSystem, operations: Operations):
+    """Other mounts' changes, as they commit, become kernel invalidations here: a name
+    replaced there resolves to the new file here at once, and open views follow."""
+    feed: list[ChangeFeed] = []  # (re)opened by the step: a broken feed is opened again
+
     async def step() -> None:
-        await trio.sleep(fs.settings.session_renew_s)
-        await fs.offload.meta(fs.meta.renew_session, fs.settings.session_ttl_s)
+        if not feed:
+            feed.append(await trio.to_thread.run_sync(
+                ChangeFeed, fs.meta.engine, fs.meta.account_id, fs.meta.session_id))
+            fs.listings.enabled = True
+        try:
+            await trio.lowlevel.wait_readable(feed[0].fileno())
+            changes = feed[0].fetch()
+        except BaseException:
+            fs.listings.disable()
+            feed.pop().close()
+            raise
+        invalidations = fs.changed_elsewhere(changes)
+        if invalidations:
+            await trio.to_thread.run_sync(operations.invalidate, invalidations)
 
     return step
+
+
+def _unmount_session_ended(reason: str) -> None:
+    log.warning("the login session has ended (%s): unmounting", reason)
+    pyfuse3.terminate()
 
 
 def _drain_backups(store: MirroredChunkStore):

@@ -75,6 +75,12 @@ class FileTooLargeError(DfsfsError):
     errno = errno.EFBIG
 
 
+class BusyError(DfsfsError):
+    """Something the call needs is in use right now (a chunk's bytes being deleted)."""
+
+    errno = errno.EBUSY
+
+
 class StaleError(DfsfsError):
     """The inode is gone (removed through another mount): the kernel looks the name up again."""
 

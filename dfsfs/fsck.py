@@ -66,7 +66,7 @@ from dfsfs.types import ReclaimableChunk
 
 # A put takes far less than this; an older temporary file belongs to no running put.
 STALE_TEMP_FILE_AGE_S = 3600
-SESSION_TTL_S = 3600.0  # fsck's own session (its claims on chunks it deletes)
+SESSION_EXPIRY_S = 3600  # fsck's own session (its claims on chunks it deletes)
 BATCH_SIZE = 1000
 
 # Kinds of findings, in the order a summary lists them.
@@ -87,6 +87,7 @@ CATEGORIES = {
     "wrong_refcount": "chunks with a wrong reference count",
     "unreferenced_chunks": "chunk rows no file references",
     "orphan_chunks": "chunk files without metadata (orphans)",
+    "unverified_copies": "chunk copies a store that did not answer could not show",
     "damaged_copies": "missing or corrupt chunk copies",
     "lost_chunks": "chunks with no good copy",
     "dangling_references": "file chunks pointing at lost chunks",
@@ -416,7 +417,8 @@ class _UserCheck:
         self.report = report
         self.progress = progress
         self.meta = MetadataStore(engine, user_id,
-                                  recovery.open_own_session(engine, user_id, SESSION_TTL_S))
+                                  recovery.open_own_session(engine, user_id, "fsck",
+                                                            SESSION_EXPIRY_S))
 
     def run(self) -> None:
         try:
@@ -735,7 +737,7 @@ class _UserCheck:
     def _remove_orphan(self, digest: bytes) -> bool:
         """Delete an orphan's files unless a mount has just reserved it: a row marked as
         being deleted by this session makes a reservation of the digest wait meanwhile."""
-        claimed = self.meta.claim_orphan(digest)
+        claimed = self.meta.claim_orphans([digest])
         return recovery.delete_claimed(self.meta, self.stores, claimed) > 0
 
     def chunk_copies(self) -> None:
@@ -763,6 +765,10 @@ class _UserCheck:
             if state == "ok":
                 if (digest, role) in open_damage:
                     self._close_damage(digest, role)
+                continue
+            if state == "unavailable":  # an outage: nothing is known, nothing recorded
+                self.report.add("unverified_copies",
+                                f"{self.who}: chunk {digest.hex()}: the {role} store does not answer")
                 continue
             self._damaged_copy(result, role, state, open_damage)
         if result.lost:

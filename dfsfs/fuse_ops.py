@@ -8,11 +8,12 @@ import errno
 import functools
 import logging
 import stat as stat_module
+from dataclasses import dataclass
 
 import pyfuse3
 import trio
 
-from dfsfs.core.filesystem import FileSystem
+from dfsfs.core.filesystem import EntryInvalidation, FileSystem, KernelInvalidation
 from dfsfs.errors import DfsfsError
 from dfsfs.types import Attrs
 
@@ -21,6 +22,16 @@ log = logging.getLogger(__name__)
 BLOCK_SIZE = 4096
 DIRECTORY_SIZE = 4096  # as ext4 shows a small directory
 DOT_OFFSET, DOTDOT_OFFSET = 1, 2  # readdir offsets; an entry's is its id plus 2
+
+
+@dataclass(frozen=True)
+class ShownOwnership:
+    """Mount options uid=, gid=, umask=: every file is shown with this owner and group,
+    and without these permission bits (what is stored does not change)."""
+
+    uid: int | None = None
+    gid: int | None = None
+    umask: int = 0
 
 
 def errno_boundary(operation):
@@ -49,11 +60,13 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, fs: FileSystem, attr_timeout_s: float, entry_timeout_s: float):
+    def __init__(self, fs: FileSystem, attr_timeout_s: float, entry_timeout_s: float,
+                 shown: "ShownOwnership | None" = None):
         super().__init__()
         self.fs = fs
         self.attr_timeout_s = attr_timeout_s
         self.entry_timeout_s = entry_timeout_s
+        self.shown = shown or ShownOwnership()
 
     # ---- inode numbers and attributes ----------------------------------------------
 
@@ -69,10 +82,10 @@ class Operations(pyfuse3.Operations):
         entry.generation = 0
         entry.entry_timeout = self.entry_timeout_s
         entry.attr_timeout = self.attr_timeout_s
-        entry.st_mode = attrs.mode
+        entry.st_mode = attrs.mode & ~self.shown.umask
         entry.st_nlink = attrs.nlink
-        entry.st_uid = attrs.uid
-        entry.st_gid = attrs.gid
+        entry.st_uid = attrs.uid if self.shown.uid is None else self.shown.uid
+        entry.st_gid = attrs.gid if self.shown.gid is None else self.shown.gid
         entry.st_rdev = attrs.rdev
         entry.st_blksize = self.fs.settings.chunk_size  # cp and friends size their I/O by it
         if attrs.is_dir:
@@ -225,15 +238,24 @@ class Operations(pyfuse3.Operations):
 
     @errno_boundary
     async def write(self, fh, off, buf):
-        return await self.fs.write(fh, off, buf)
+        return await self._writing(fh, self.fs.write(fh, off, buf))
 
     @errno_boundary
     async def flush(self, fh):
-        await self.fs.flush(fh)
+        await self._writing(fh, self.fs.flush(fh))
 
     @errno_boundary
     async def fsync(self, fh, datasync):
-        await self.fs.fsync(fh)
+        await self._writing(fh, self.fs.fsync(fh))
+
+    async def _writing(self, fh, call):
+        """A write, flush or fsync that failed may have cost the file its uncommitted
+        writes: the size the kernel keeps from them is dropped with the error."""
+        try:
+            return await call
+        except DfsfsError:
+            pyfuse3.invalidate_inode(self._kernel_ino(self.fs.handles.file(fh).ino), attr_only=True)
+            raise
 
     @errno_boundary
     async def release(self, fh):
@@ -270,6 +292,20 @@ class Operations(pyfuse3.Operations):
         stats.f_ffree = stats.f_favail = capacity.free_inodes
         stats.f_namemax = 255
         return stats
+
+    def invalidate(self, invalidations: list[KernelInvalidation]) -> None:
+        """Tell the kernel what another mount changed. Blocking (the kernel may wait for a
+        request of this mount in flight): call it from a worker thread."""
+        for invalidation in invalidations:
+            try:
+                if isinstance(invalidation, EntryInvalidation):
+                    pyfuse3.invalidate_entry(self._kernel_ino(invalidation.parent_ino), invalidation.name,
+                                             self._kernel_ino(invalidation.deleted) if invalidation.deleted else 0)
+                else:
+                    pyfuse3.invalidate_inode(self._kernel_ino(invalidation.ino))
+            except OSError as error:
+                if error.errno != errno.ENOENT:  # the kernel had forgotten it already
+                    log.info("invalidating %s: %s", invalidation, error)
 
     async def forget(self, inode_list):
         """The kernel drops references (no reply is sent, so no errno either)."""

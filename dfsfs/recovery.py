@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfsfs.chunks.mirrored import MirroredChunkStore
+from dfsfs.errors import StoreUnavailableError
 from sqlalchemy.engine import Engine
 
-from dfsfs.meta.store import MetadataStore, open_session
+from dfsfs.meta.store import MetadataStore, describe_session, open_session
 from dfsfs.types import ReclaimableChunk
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,18 @@ def process_start(pid: int) -> int | None:
         return None
 
 
-def open_own_session(engine: Engine, account_id: int, ttl_s: float) -> int:
-    """A session of the account run by this process on this machine."""
+def open_own_session(engine: Engine, account_id: int, purpose: str, expiry_s: int) -> int:
+    """A session of the account run by this process on this machine (fsck's)."""
     pid = os.getpid()
-    return open_session(engine, account_id, socket.gethostname(), pid, boot_id(),
-                        process_start(pid), ttl_s)
+    return open_session(engine, account_id, purpose, socket.gethostname(), pid, boot_id(),
+                        process_start(pid), expiry_s)
+
+
+def describe_own_session(engine: Engine) -> None:
+    """This process serves the login session of `engine` (a daemon's): a later mount on
+    this machine tells from it when the process is gone."""
+    pid = os.getpid()
+    describe_session(engine, pid, boot_id(), process_start(pid))
 
 
 def sessions_ended_here(meta: MetadataStore) -> list[int]:
@@ -94,7 +102,11 @@ def recover(meta: MetadataStore, store: MirroredChunkStore, chunk_size: int,
 def _check_unsettled(meta: MetadataStore, store: MirroredChunkStore, chunk_size: int,
                      chunks: list[ReclaimableChunk], report: RecoveryReport) -> None:
     results = [store.verify(meta.account_id, chunk.digest, repair=True) for chunk in chunks]
-    kept = [chunk.id for chunk, result in zip(chunks, results) if not result.lost]
+    if any(result.unknown for result in results):
+        # A store is down: cutting files back now could throw away what survived there.
+        raise StoreUnavailableError("a chunk store does not answer: the chunks a crashed"
+                                    " mount left unsettled are checked at the next mount")
+    kept = [chunk.digest for chunk, result in zip(chunks, results) if not result.lost]
     lost = [chunk.id for chunk, result in zip(chunks, results) if result.lost]
     if kept:
         store.sync()

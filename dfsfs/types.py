@@ -82,11 +82,11 @@ class Reservation:
 
 @dataclass(frozen=True)
 class FileCommit:
-    """What one file's commit sets: size, attributes, and chunk indices → chunk ids."""
+    """What one file's commit sets: size, attributes, and the chunks at chunk indices."""
 
     ino: int
     size: int
-    chunks: dict[int, int | None]  # chunk index → reserved chunk id; None: a hole
+    chunks: dict[int, "ChunkRef | None"]  # chunk index → a chunk this mount put; None: a hole
     drop_from_index: int | None = None  # indices from here on lose their chunks
     changes: dict[str, int] | None = None  # any of mtime_ns, ctime_ns, atime_ns, mode, uid, gid
 

@@ -1,5 +1,9 @@
 """Shared fixtures: a real PostgreSQL server (throwaway unless DFSFS_TEST_DATABASE_URL is
-set) and a fresh database per test module."""
+set) and a fresh database per test module.
+
+`database_url` names the owner role (root reaches it by peer authentication, as on an
+embedded server): `dfsfs` commands given it have the owner's credentials, and their
+mounts connect as the client role of the same server (`client_url`)."""
 
 import os
 import shutil
@@ -9,10 +13,14 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
+from dfsfs.auth import login
+from dfsfs.config import CLIENT_ROLE
 from dfsfs.embedded import PostgresServer
 from dfsfs.meta.db import create_engine
 from dfsfs.meta.migrations import migrate
+from dfsfs.session import LoginResult, session_engine
 
 # Cheap argon2 parameters keep account tests fast; production uses the defaults.
 os.environ.setdefault("DFSFS_ARGON2_PROFILE", "test")
@@ -65,7 +73,7 @@ def database_factory(postgres_server):
 def database_url(database_factory):
     """A fresh, migrated database for each test module."""
     url = database_factory()
-    engine = create_engine(url, admin=True)
+    engine = create_engine(url)
     migrate(engine)
     engine.dispose()
     return url
@@ -73,6 +81,32 @@ def database_url(database_factory):
 
 @pytest.fixture(scope="module")
 def admin_engine(database_url):
-    engine = create_engine(database_url, admin=True)
+    """An engine of the owner role: every row of every account."""
+    engine = create_engine(database_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def client_url(database_url):
+    """The URL of the client role on the module's database (no rights without a login)."""
+    return client_url_of(database_url)
+
+
+def client_url_of(url: str) -> str:
+    return sa.engine.make_url(url).set(username=CLIENT_ROLE, password=None).render_as_string(
+        hide_password=False)
+
+
+def login_as(url: str, name: str, password: str, purpose: str = "mount") -> LoginResult:
+    """A login session of `name`, through the client role of `url`'s server (as a mount's)."""
+    anonymous = create_engine(client_url_of(url), pool_size=1)
+    try:
+        return login(anonymous, name, password, purpose=purpose)
+    finally:
+        anonymous.dispose()
+
+
+def scoped_engine(url: str, name: str, password: str, **options) -> Engine:
+    """An engine of the client role whose connections act under a new login of `name`."""
+    return session_engine(client_url_of(url), login_as(url, name, password), **options)

@@ -3,7 +3,7 @@ chunk stores, run by a trio loop in a thread of its own, so that plain (synchron
 can drive it the way the FUSE layer does, and stop it as an unmount would. (A crash is a
 killed daemon: tests/test_faults_crash.py.)
 
-    with CoreHost(url, account_id, tmp_path) as core:
+    with CoreHost(url, account_name, tmp_path) as core:
         fh, attrs = core.call(core.fs.create, core.fs.root_ino, b"f", 0o644, 0, 0, os.O_WRONLY)
         core.call(core.fs.write, fh, 0, b"data")
         core.call(core.fs.release, fh)
@@ -14,16 +14,18 @@ import threading
 from pathlib import Path
 
 import trio
+from conftest import client_url_of, login_as
 
 from dfsfs import recovery
 from dfsfs.chunks.local import LocalChunkStore
 from dfsfs.chunks.mirrored import MirroredChunkStore
 from dfsfs.core.filesystem import FileSystem
 from dfsfs.core.settings import CoreSettings
-from dfsfs.meta.db import create_engine
 from dfsfs.meta.store import MetadataStore
+from dfsfs.session import logout, session_engine
 
 START_TIMEOUT_S = 30
+ACCOUNT_PASSWORD = "core-host-password"  # the password of accounts the tests drive this way
 
 
 def local_stores(base: Path) -> MirroredChunkStore:
@@ -32,12 +34,13 @@ def local_stores(base: Path) -> MirroredChunkStore:
 
 
 class CoreHost:
-    def __init__(self, database_url: str, account_id: int, store_dir: Path,
-                 settings: CoreSettings | None = None, session_ttl_s: float = 300.0):
+    def __init__(self, database_url: str, account_name: str, store_dir: Path,
+                 settings: CoreSettings | None = None, password: str = ACCOUNT_PASSWORD):
         self.settings = settings or CoreSettings(chunk_size=4096, write_buffer_bytes=1 << 20)
-        self.engine = create_engine(database_url, user_id=account_id, relaxed_commits=True)
-        session_id = recovery.open_own_session(self.engine, account_id, session_ttl_s)
-        self.meta = MetadataStore(self.engine, account_id, session_id)
+        self.login = login_as(database_url, account_name, password)
+        self.engine = session_engine(client_url_of(database_url), self.login, relaxed_commits=True)
+        recovery.describe_own_session(self.engine)
+        self.meta = MetadataStore(self.engine, self.login.account, self.login.session_id)
         self.store = local_stores(Path(store_dir))
         self.fs = FileSystem(self.meta, self.store, self.settings)
         self.store.on_damage = self.fs.damage.report
@@ -83,7 +86,7 @@ class CoreHost:
         if self._thread.is_alive():
             trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
             self._thread.join(START_TIMEOUT_S)
-        self.meta.end_sessions([self.meta.session_id], "unmounted")
+        logout(self.engine, "unmounted")
         self.store.close()
         self.engine.dispose()
 

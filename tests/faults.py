@@ -258,7 +258,7 @@ def query(url: str, sql: str, **params) -> list[tuple]:
 
     from dfsfs.meta.db import create_engine
 
-    engine = create_engine(url, admin=True, pool_size=1)
+    engine = create_engine(url, pool_size=1)
     try:
         with engine.connect() as conn:
             return [tuple(row) for row in conn.execute(sa.text(sql), params)]

@@ -108,9 +108,9 @@ class Deployment:
         assert report["clean"], f"fsck of {user}: {report['problems'][:20]}"
 
     def mount(self, user: str | None = None, path: Path | None = None,
-              options: tuple[str, ...] = ()) -> "Mount":
-        """Create the account if needed, mount it at `path` (default: a fresh directory)
-        with these `-o` options."""
+              options: str | None = None) -> "Mount":
+        """Create the account if needed, mount it at `path` (default: a fresh directory),
+        with `-o options` if given."""
         user = user or "u" + uuid.uuid4().hex[:8]
         self.add_user(user)
         if path is None:
@@ -124,8 +124,7 @@ class Deployment:
 class Mount:
     """One live mount. Use it as a context manager, or call `cleanup()` (idempotent)."""
 
-    def __init__(self, deployment: Deployment, user: str, path: Path,
-                 options: tuple[str, ...] = ()):
+    def __init__(self, deployment: Deployment, user: str, path: Path, options: str | None = None):
         self.deployment = deployment
         self.options = options
         self.user = user
@@ -153,8 +152,8 @@ class Mount:
         assert not is_mount(self.path), f"{self.path} is already mounted"
         self._log_offset = {p: p.stat().st_size for p in self.log_files()}
         _live_mounts.add(self)
-        result = run_cli(["mount", self.path, "--user", self.user,
-                          *(f"-o{option}" for option in self.options)], self.env, check=False)
+        options = ["-o", self.options] if self.options else []
+        result = run_cli(["mount", self.path, "--user", self.user, *options], self.env, check=False)
         if result.returncode != 0:
             self.cleanup()
             pytest.fail(f"dfsfs mount {self.path} exited {result.returncode}: {result.stderr}\n"

@@ -168,39 +168,44 @@ def test_remove_stale_temp_files_only_removes_old_temp_files(store):
     assert store.get(1, digest) == b"kept"
 
 
-def test_put_fsyncs_its_directory_and_sync_the_new_directories_up_to_root(store, monkeypatch):
-    synced = []
-    monkeypatch.setattr("dfsfs.chunks.local._fsync_directory", synced.append)
-    digest = digest_of(b"new")
+def test_put_waits_for_no_disk_and_sync_makes_every_put_durable(store, monkeypatch):
+    dirs, files = [], []
+    monkeypatch.setattr("dfsfs.chunks.local._fsync_directory", dirs.append)
+    monkeypatch.setattr("dfsfs.chunks.local._fdatasync_file", files.append)
+    digest, other = digest_of(b"new"), digest_of(b"other")
     store.put(9, digest, b"new")
-    chunk_dir = os.path.dirname(store._path(9, digest))
-    assert synced == [chunk_dir]  # the put itself: the new name is durable when it returns
+    store.put(9, other, b"other")
+    store.put(9, other, b"other")  # there already: still the next sync's to make durable
+    assert dirs == files == []  # a put does not wait for the disk
     store.sync()
+    assert sorted(files) == sorted([store._path(9, digest), store._path(9, other)])
+    chunk_dirs = {os.path.dirname(store._path(9, d)) for d in (digest, other)}
     namespace_dir = os.path.join(store.root, "9")
-    # deepest first
-    assert synced == [chunk_dir, os.path.dirname(chunk_dir), namespace_dir, store.root]
-    synced.clear()
+    assert set(dirs[:len(chunk_dirs)]) == chunk_dirs  # deepest first, up to the root
+    assert dirs[-2:] == [namespace_dir, store.root]
+    dirs.clear()
+    files.clear()
     store.sync()
-    assert synced == []
+    assert dirs == files == []
 
 
-def test_failed_directory_sync_is_retried_by_the_next_sync(store, monkeypatch):
-    def failing_fsync(directory):
+def test_failed_sync_is_retried_by_the_next_sync(store, monkeypatch):
+    def failing(path):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr("dfsfs.chunks.local._fsync_directory", failing_fsync)
+    monkeypatch.setattr("dfsfs.chunks.local._fdatasync_file", failing)
     digest = digest_of(b"a")
-    with pytest.raises(StorageError, match="Input/output error"):
-        store.put(1, digest, b"a")
+    store.put(1, digest, b"a")
     with pytest.raises(StorageError, match="Input/output error"):
         store.sync()
-    synced = []
-    monkeypatch.setattr("dfsfs.chunks.local._fsync_directory", synced.append)
-    store.put(1, digest, b"a")  # in place already: its directory is left to the next sync
+    dirs, files = [], []
+    monkeypatch.setattr("dfsfs.chunks.local._fsync_directory", dirs.append)
+    monkeypatch.setattr("dfsfs.chunks.local._fdatasync_file", files.append)
     store.sync()
     chunk_dir = os.path.dirname(store._path(1, digest))
-    assert sorted(synced) == sorted([chunk_dir, os.path.dirname(chunk_dir),
-                                     os.path.join(store.root, "1"), store.root])
+    assert files == [store._path(1, digest)]
+    assert sorted(dirs) == sorted([chunk_dir, os.path.dirname(chunk_dir),
+                                   os.path.join(store.root, "1"), store.root])
 
 
 def test_unreadable_chunk_is_a_storage_error_not_missing(store):

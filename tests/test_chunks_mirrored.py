@@ -5,7 +5,7 @@ import pytest
 
 from dfsfs.chunks import ChunkStore, LocalChunkStore, MirroredChunkStore, digest_of
 from dfsfs.chunks.mirrored import DamageEvent
-from dfsfs.errors import ChunkLostError, StorageError
+from dfsfs.errors import ChunkLostError, StorageError, StoreUnavailableError
 
 pytest_plugins = ["seaweed"]
 
@@ -182,6 +182,34 @@ def test_unreadable_primary_falls_back_to_backup(local_backup, damage):
     [event] = damage
     assert (event.store, event.kind, event.repaired) == ("primary", "unreadable", False)
     assert "Input/output error" in event.detail
+
+
+class DownStore(ChunkStore):
+    """A store whose server does not answer (an outage)."""
+
+    name = "down"
+
+    def _fail(self, *args):
+        raise StoreUnavailableError("down: the server does not answer")
+
+    put = get = has = delete = keys = sync = _fail
+
+
+def test_a_store_that_does_not_answer_is_an_outage_not_damage(local_backup, primary, damage):
+    local_backup.put(NAMESPACE, DIGEST, DATA)
+    mirror = MirroredChunkStore(DownStore(), local_backup, on_damage=damage)
+    assert mirror.get(NAMESPACE, DIGEST) == DATA  # served by the other copy
+    assert damage == []
+    both_down = MirroredChunkStore(DownStore(), DownStore(), on_damage=damage)
+    with pytest.raises(StoreUnavailableError):
+        both_down.get(NAMESPACE, DIGEST)
+    missing_and_down = MirroredChunkStore(primary, DownStore(), on_damage=damage)
+    with pytest.raises(StoreUnavailableError):  # not ChunkLostError: the backup may hold it
+        missing_and_down.get(NAMESPACE, DIGEST)
+    result = missing_and_down.verify(NAMESPACE, DIGEST, repair=True)
+    assert (result.primary, result.backup, result.lost, result.unknown) == (
+        "missing", "unavailable", False, True)
+    assert [(event.store, event.kind) for event in damage] == [("primary", "missing")] * 2
 
 
 def test_failed_backup_write_fails_the_put(primary, damage):

@@ -10,9 +10,9 @@ import os
 import pytest
 import sqlalchemy as sa
 import trio
-from corehost import CoreHost
+from corehost import ACCOUNT_PASSWORD, CoreHost
 
-from dfsfs.auth import hash_password
+from dfsfs.auth import make_verifier
 from dfsfs.chunks.local import LocalChunkStore
 from dfsfs.core.offload import supervised
 from dfsfs.core.settings import MAX_FILE_SIZE, CoreSettings
@@ -24,8 +24,15 @@ SETTINGS = CoreSettings(chunk_size=CHUNK, write_buffer_bytes=8 << 20, commit_int
 
 
 @pytest.fixture
-def account(admin_engine) -> int:
-    return AccountStore(admin_engine).create_user(f"w{os.urandom(4).hex()}", hash_password("pw"))
+def account_name(admin_engine) -> str:
+    name = f"w{os.urandom(4).hex()}"
+    AccountStore(admin_engine).create_user(name, make_verifier(ACCOUNT_PASSWORD))
+    return name
+
+
+@pytest.fixture
+def account(admin_engine, account_name) -> int:
+    return AccountStore(admin_engine).require_user(account_name).id
 
 
 @pytest.fixture
@@ -34,8 +41,8 @@ def url(database_url) -> str:
 
 
 @pytest.fixture
-def core(url, account, tmp_path):
-    with CoreHost(url, account, tmp_path, SETTINGS) as host:
+def core(url, account_name, tmp_path):
+    with CoreHost(url, account_name, tmp_path, SETTINGS) as host:
         yield host
 
 
@@ -136,9 +143,9 @@ def test_close_is_visible_at_once_and_durable_at_the_next_sync_point(core, admin
     assert core.read_file(ino)
 
 
-def test_the_commit_interval_makes_closed_files_durable(url, account, tmp_path, admin_engine):
+def test_the_commit_interval_makes_closed_files_durable(url, account, account_name, tmp_path, admin_engine):
     settings = CoreSettings(chunk_size=CHUNK, commit_interval_s=0.2)
-    with CoreHost(url, account, tmp_path, settings) as core:
+    with CoreHost(url, account_name, tmp_path, settings) as core:
         core.write_file(core.fs.root_ino, b"soon", os.urandom(CHUNK))
         core.call(trio.sleep, 0.6)
         assert unsettled(admin_engine, account) == 0 and not core.fs.committer.behind
@@ -192,11 +199,11 @@ async def test_a_failing_background_step_is_logged_and_retried(caplog):
 
 
 def test_a_file_open_in_another_session_stays_readable_after_its_removal(
-        url, account, tmp_path, admin_engine, core):
+        url, account, account_name, tmp_path, admin_engine, core):
     data = os.urandom(3 * CHUNK)
     ino = core.write_file(core.fs.root_ino, b"shared", data)
     uncached = CoreSettings(chunk_size=CHUNK, read_cache_bytes=0)  # reads go to the stores
-    with CoreHost(url, account, tmp_path, uncached) as other:
+    with CoreHost(url, account_name, tmp_path, uncached) as other:
         fh, _ = other.call(other.fs.open, ino, os.O_RDONLY)
         core.call(core.fs.unlink, core.fs.root_ino, b"shared")
         settle(core)  # released here: the other session still holds it
@@ -208,11 +215,11 @@ def test_a_file_open_in_another_session_stays_readable_after_its_removal(
     assert_stores_hold_exactly_what_is_named(admin_engine, tmp_path, account)
 
 
-def test_a_chunk_released_by_another_session_is_no_damage(url, account, tmp_path, admin_engine, core):
+def test_a_chunk_released_by_another_session_is_no_damage(url, account, account_name, tmp_path, admin_engine, core):
     """A reader that knew a chunk another mount then replaced and reclaimed reads the
     file's new content, and nothing is recorded as damage."""
     ino = core.write_file(core.fs.root_ino, b"doc", os.urandom(CHUNK))
-    with CoreHost(url, account, tmp_path, SETTINGS) as other:
+    with CoreHost(url, account_name, tmp_path, SETTINGS) as other:
         fh, _ = other.call(other.fs.open, ino, os.O_RDONLY)  # knows the chunk map now
         new = os.urandom(CHUNK)
         wfh, _ = core.call(core.fs.open, ino, os.O_WRONLY)
@@ -227,8 +234,8 @@ def test_a_chunk_released_by_another_session_is_no_damage(url, account, tmp_path
                             {"a": account}).scalar() == 0
 
 
-def test_unmount_leaves_exactly_what_the_metadata_names(url, account, tmp_path, admin_engine):
-    with CoreHost(url, account, tmp_path, SETTINGS) as core:
+def test_unmount_leaves_exactly_what_the_metadata_names(url, account, account_name, tmp_path, admin_engine):
+    with CoreHost(url, account_name, tmp_path, SETTINGS) as core:
         root = core.fs.root_ino
         for i in range(5):
             core.write_file(root, f"f{i}".encode(), os.urandom(CHUNK * i + 7))
@@ -263,3 +270,55 @@ def test_transactions_store_each_touched_chunk_once_per_commit(core, monkeypatch
         touched += len(chunks)
     core.call(core.fs.release, fh)
     assert len(written) <= 2 * touched  # one copy in each store per touched chunk per commit
+
+
+def test_a_chunk_deleted_lately_is_stored_again_before_a_commit_names_it(
+        core, admin_engine, tmp_path, account, monkeypatch):
+    """A commit does not take on trust a chunk whose deletion was claimed in the last hour
+    (the deletion may have removed the bytes after the mount's put): it holds the chunk,
+    puts it again, and commits."""
+    content = os.urandom(CHUNK)
+    core.write_file(core.fs.root_ino, b"first", content)
+    core.call(core.fs.unlink, core.fs.root_ino, b"first")
+    settle(core)  # its chunk is reclaimed: a tombstone remembers it
+    assert named_digests(admin_engine, account) == set()
+    written = counting_puts(monkeypatch)
+    ino = core.write_file(core.fs.root_ino, b"second", content)
+    settle(core)
+    assert core.read_file(ino) == content
+    assert len(written) == 2  # put once by the write (refused at commit), then secured
+    assert_stores_hold_exactly_what_is_named(admin_engine, tmp_path, account)
+
+
+def test_names_absent_from_a_directory_made_here_need_no_round_trip(core, monkeypatch):
+    """Every new file's creation starts with a lookup of a name that is not there: in a
+    directory this mount made (and whose changes elsewhere the change feed reports), the
+    answer needs no metadata call."""
+    from dfsfs.errors import NotFoundError
+    from dfsfs.meta.feed import EntryChanged
+
+    core.fs.listings.enabled = True  # as when the change feed runs
+    made = core.call(core.fs.make_node, core.fs.root_ino, b"new-dir", 0o40755, 0, 0)
+    asked = []
+    original = core.fs.meta.lookup
+    monkeypatch.setattr(core.fs.meta, "lookup", lambda *args: asked.append(args) or original(*args))
+    with pytest.raises(NotFoundError):
+        core.call(core.fs.lookup, made.ino, b"absent")
+    assert asked == []
+    core.write_file(made.ino, b"here", b"x")
+    assert core.call(core.fs.lookup, made.ino, b"here").size == 1  # asked: it is there
+    # another mount's new name, as the change feed reports it, is looked up again
+    core.fs.changed_elsewhere([EntryChanged(made.ino, 999, b"theirs", gone=False)])
+    with pytest.raises(NotFoundError):
+        core.call(core.fs.lookup, made.ino, b"theirs")
+    assert [args[1] for args in asked] == [b"here", b"theirs"]
+
+
+def test_a_sync_point_between_a_put_and_its_commit_still_settles_the_chunk(core, admin_engine, account):
+    fh, _ = core.call(core.fs.create, core.fs.root_ino, b"streamed", 0o644, 0, 0, os.O_WRONLY)
+    core.call(core.fs.write, fh, 0, os.urandom(CHUNK))  # a whole chunk: put at once
+    core.call(trio.sleep, 0.2)  # (the put runs in the background)
+    core.call(core.fs.committer.sync)  # before the commit names it
+    core.call(core.fs.release, fh)  # committed now
+    core.call(core.fs.committer.sync)
+    assert unsettled(admin_engine, account) == 0

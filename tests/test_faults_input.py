@@ -406,7 +406,7 @@ def test_parallel_wrong_passwords_are_throttled_too(deployment):
 
     user = "parallel"
     deployment.add_user(user)
-    engine = create_engine(deployment.env["DFSFS_DATABASE_URL"], admin=True, pool_size=20)
+    engine = create_engine(deployment.env["DFSFS_DATABASE_URL"], pool_size=20)
     accounts = AccountStore(engine)
     guesses = 20
     start = threading.Barrier(guesses)
@@ -465,6 +465,8 @@ def test_secrets_never_leak(deployment, tmp_path):
     password_file.write_text(ACCOUNT_SECRET + "\n")
     wrong_file = tmp_path / "wrong"
     wrong_file.write_text("Wr0ng-S3cret-guess\n")
+    for secret_file in (config, password_file, wrong_file):
+        secret_file.chmod(0o600)  # files holding secrets that others may read are refused
     env = {k: v for k, v in deployment.env.items() if k not in ("DFSFS_PASSWORD", "DFSFS_DATABASE_URL")}
     env["DFSFS_CONFIG"] = str(config)
     secrets = (ACCOUNT_SECRET, DATABASE_SECRET, "Wr0ng-S3cret-guess")

@@ -21,6 +21,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from conftest import client_url_of, scoped_engine
 from dfsfs.meta.db import create_engine
 from dfsfs.meta.schema import USER_OWNED_TABLES
 from dfsfs.errors import NotFoundError
@@ -131,9 +132,9 @@ def test_accounts_are_isolated(deployments):
             assert data is None and code != 0, f"B's {name} opened through A's mount: {data!r}"
 
         # ---- A's metadata store, scoped by A (and by row-level security), finds none of B's
-        engine_a = create_engine(url, user_id=uid_a, pool_size=1)
+        engine_a = scoped_engine(url, "alice", PASSWORD_A)
         try:
-            session_a = open_own_session(engine_a, uid_a, 60.0)
+            session_a = open_own_session(engine_a, uid_a, "mount", 60)
             meta_a = MetadataStore(engine_a, uid_a, session_a)
             b_root = query(url, "SELECT root_ino FROM users WHERE id = :u", u=uid_b)[0][0]
             for name, kernel_ino in {**b_inos, "root": b_root + 1}.items():
@@ -215,7 +216,7 @@ def test_accounts_are_isolated(deployments):
 def row_level_security(url: str, uid_a: int, uid_b: int) -> None:
     """Give both users rows in every user-owned table, then query each table over a
     connection scoped to A without any user filter."""
-    with create_engine(url, admin=True, pool_size=1).begin() as conn:
+    with create_engine(url, pool_size=1).begin() as conn:
         for uid in (uid_a, uid_b):
             conn.execute(sa.text("INSERT INTO backup_queue (user_id, sha256) VALUES (:u, :d)"),
                          {"u": uid, "d": sha(b"queued %d" % uid)})
@@ -227,8 +228,8 @@ def row_level_security(url: str, uid_a: int, uid_b: int) -> None:
         owners[table.name] = {u for (u,) in query(url, f"SELECT DISTINCT user_id FROM {table.name}")}
         assert {uid_a, uid_b} <= owners[table.name], f"{table.name}: the test needs rows of both users"
 
-    engine = create_engine(url, user_id=uid_a, pool_size=1)
-    unscoped = create_engine(url, pool_size=1)  # neither a user nor admin: must see nothing
+    engine = scoped_engine(url, "alice", PASSWORD_A)
+    unscoped = create_engine(client_url_of(url), pool_size=1)  # no login: must see nothing
     try:
         with engine.connect() as conn:
             for table in USER_OWNED_TABLES:

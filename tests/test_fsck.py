@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from corehost import CoreHost
 
-from dfsfs.auth import hash_password
+from dfsfs.auth import make_verifier
 from dfsfs.chunks import LocalChunkStore, MirroredChunkStore, digest_of
 from dfsfs.cli import main
 from dfsfs.config import ENVIRONMENT
@@ -41,12 +41,13 @@ class Account:
 
     def __init__(self, engine, stores: MirroredChunkStore, name: str | None = None):
         self.name = name or "u" + uuid.uuid4().hex[:10]
-        self.user_id = AccountStore(engine).create_user(self.name, hash_password(PASSWORD))
+        self.user_id = AccountStore(engine).create_user(self.name, make_verifier(PASSWORD))
         record_chunk_size(engine, CHUNK_SIZE)
         self.stores = stores
-        self.core = CoreHost(engine.url.render_as_string(hide_password=False), self.user_id,
+        self.core = CoreHost(engine.url.render_as_string(hide_password=False), self.name,
                              Path(stores.primary.root).parent,
-                             CoreSettings(chunk_size=CHUNK_SIZE, write_buffer_bytes=1 << 20)).start()
+                             CoreSettings(chunk_size=CHUNK_SIZE, write_buffer_bytes=1 << 20),
+                             password=PASSWORD).start()
         self.meta = self.core.meta
         self.fs = self.core.fs
 
@@ -177,7 +178,7 @@ def test_consistent_namespace_is_clean(admin_engine, database_url, account, dfsf
 
 def test_all_accounts_by_default(database_factory, tmp_path, stores, dfsfs):
     url = database_factory()
-    engine = create_engine(url, admin=True)
+    engine = create_engine(url)
     try:
         migrate(engine)
         for _ in range(2):
@@ -307,8 +308,8 @@ CRASHING_WRITER = textwrap.dedent("""
     from dfsfs.recovery import open_own_session
 
     url, primary, backup, user_id = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    engine = create_engine(url, user_id=user_id)
-    meta = MetadataStore(engine, user_id, open_own_session(engine, user_id, 300.0))
+    engine = create_engine(url)  # the owner's, acting for the account in a session of its own
+    meta = MetadataStore(engine, user_id, open_own_session(engine, user_id, "mount", 300))
     meta.make_node(meta.root_ino, b"interrupted", 0o100644, 0, 0, time.time_ns())
     stores = MirroredChunkStore(LocalChunkStore(primary, "primary"), LocalChunkStore(backup, "backup"))
     pieces = [os.urandom(2000) for _ in range(3)]

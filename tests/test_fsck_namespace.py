@@ -22,7 +22,7 @@ LOST = b"lost+found"
 @pytest.fixture(scope="module")
 def admin_engine(database_factory):
     """This module's own database (test_fsck's fixtures build accounts in it)."""
-    made = create_engine(database_factory(), admin=True)
+    made = create_engine(database_factory())
     migrate(made)
     yield made
     made.dispose()

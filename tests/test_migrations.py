@@ -15,9 +15,14 @@ from dfsfs.recovery import open_own_session
 
 OLD_CHUNK_SIZE = 65536
 # An account with a directory and a two-chunk file, written with the statements of the
-# first release's tables (valid at every version since).
+# first release's tables (valid at every version since; version 7 moved the password out
+# of `users`).
+_OLD_USER = {
+    True: "INSERT INTO users (id, name, password_hash)"
+          " VALUES (1000, 'old', '$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA')",
+    False: "INSERT INTO users (id, name) VALUES (1000, 'old')",
+}
 _OLD_ACCOUNT = """
-INSERT INTO users (id, name, password_hash) VALUES (1000, 'old', '$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA');
 INSERT INTO inodes (id, user_id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns)
      VALUES (5000, 1000, 16877, 0, 0, 3, :now, :now, :now),
             (5001, 1000, 16877, 0, 0, 2, :now, :now, :now);
@@ -37,7 +42,7 @@ INSERT INTO xattrs (user_id, ino, name, value) VALUES (1000, 5002, 'user.k', 'v'
 
 
 def test_migrations_apply_once_then_are_harmless(database_factory):
-    engine = create_engine(database_factory(), admin=True)
+    engine = create_engine(database_factory())
     try:
         assert migrate(engine) == list(range(1, LATEST_VERSION + 1))
         assert migrate(engine) == []
@@ -56,12 +61,14 @@ def test_migration_files_are_numbered_in_order():
 
 @pytest.mark.parametrize("version", range(1, LATEST_VERSION))
 def test_a_database_of_every_earlier_version_upgrades_with_its_files(database_factory, version):
-    engine = create_engine(database_factory(), admin=True)
+    engine = create_engine(database_factory())
     try:
         assert migrate(engine, target=version) == list(range(1, version + 1))
         first, second = hashlib.sha256(b"1").digest(), hashlib.sha256(b"2").digest()
         with engine.begin() as conn:
-            for statement in filter(str.strip, _OLD_ACCOUNT.split(";")):
+            conn.exec_driver_sql("SET LOCAL dfsfs.admin = on")  # how versions 2-6 scoped rows
+            statements = [_OLD_USER[version < 7], *filter(str.strip, _OLD_ACCOUNT.split(";"))]
+            for statement in statements:
                 conn.execute(sa.text(statement), {
                     "now": time.time_ns(), "size": OLD_CHUNK_SIZE + 100, "whole": OLD_CHUNK_SIZE,
                     "first": first, "second": second})
@@ -69,8 +76,8 @@ def test_a_database_of_every_earlier_version_upgrades_with_its_files(database_fa
         if version < 6:  # the chunk size the stored chunks show is recorded
             assert recorded_chunk_size(engine) == OLD_CHUNK_SIZE
         url = engine.url.render_as_string(hide_password=False)
-        account_engine = create_engine(url, user_id=1000)
-        meta = MetadataStore(account_engine, 1000, open_own_session(account_engine, 1000, 60.0))
+        account_engine = create_engine(url)  # the owner's, in a session of the account
+        meta = MetadataStore(account_engine, 1000, open_own_session(account_engine, 1000, "mount", 60))
         try:
             docs = meta.lookup(meta.root_ino, b"docs")
             found = meta.lookup(docs.ino, b"f")

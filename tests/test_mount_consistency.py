@@ -496,3 +496,25 @@ def test_a_mount_configured_with_another_chunk_size_reads_the_recorded_layout(de
         (second.path / "g").write_bytes(content)  # written in the recorded layout too
     with deployment.mount("layout") as third:
         assert (third.path / "g").read_bytes() == content
+
+
+FEED_S = 0.5  # well inside the 1 s entry and attribute timeouts
+
+
+def test_changes_of_another_mount_reach_this_one_at_once(work, mnt, second):
+    """Names and attributes the kernel cached here are dropped as soon as the other mount
+    commits a change (the change feed), not after the entry or attribute timeout."""
+    there = second.path / work.relative_to(mnt.path)
+    for name in ("gone", "doc", "grows"):
+        (work / name).write_bytes(b"first")
+    assert wait_until(lambda: (there / "grows").exists())
+    for name in ("gone", "doc", "grows"):
+        os.stat(work / name)  # cached here now, for a second
+    os.unlink(there / "gone")
+    (there / "doc.tmp").write_bytes(b"second version")
+    os.rename(there / "doc.tmp", there / "doc")
+    (there / "grows").write_bytes(b"first and more")
+    time.sleep(FEED_S)
+    assert not (work / "gone").exists()
+    assert (work / "doc").read_bytes() == b"second version"
+    assert os.stat(work / "grows").st_size == len(b"first and more")

@@ -267,7 +267,7 @@ def test_df_reports_the_mount(work, mnt):
     out = sh(f"df -P '{mnt.path}'").stdout.decode().splitlines()
     assert len(out) == 2, out
     fields = out[1].split()
-    assert fields[0].startswith("dfsfs:user")
+    assert fields[0] == f"dfsfs:{mnt.user}"
     assert fields[-1] == str(mnt.path)
     total, used, available = (int(x) for x in fields[1:4])
     assert total > 0 and available > 0 and used >= 0
@@ -279,7 +279,9 @@ def test_df_reports_the_mount(work, mnt):
     assert inodes > 0 and iused > 0 and ifree > 0
     st = os.statvfs(work)
     assert st.f_bsize == st.f_frsize and st.f_bsize > 0
-    assert abs(st.f_blocks * st.f_frsize - total * 1024) <= 1024  # df's size is statfs's
+    # df's size is statfs's: the account's use plus the room left where the store is (which
+    # other programs on this machine change between the two calls)
+    assert abs(st.f_blocks * st.f_frsize - total * 1024) <= 64 << 20
     assert st.f_namemax == 255
 
 

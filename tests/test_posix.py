@@ -18,16 +18,17 @@ from pathlib import Path
 import mounting
 import pytest
 import sqlalchemy as sa
+from conftest import client_url_of, login_as
 from mounting import work  # noqa: F401
 
-from dfsfs.auth import hash_password
+from dfsfs.auth import make_verifier
 from dfsfs.errors import DfsfsError, InvalidArgumentError
 from dfsfs.meta.accounts import AccountStore
-from dfsfs.meta.db import create_engine
 from dfsfs.meta.store import MetadataStore
-from dfsfs.recovery import open_own_session
+from dfsfs.session import logout, session_engine
 
 CHUNK_SIZE = "64K"
+SESSION_PASSWORD = "posix-session-password"
 pytestmark = [pytest.mark.mount, pytest.mark.timeout(300)]
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -70,15 +71,16 @@ def directory_tree(engine, account: int) -> tuple[set[int], set[int]]:
 @pytest.fixture
 def sessions(database_url, admin_engine):
     """Four sessions (as four mounts) of a new account, each its own engine and pool."""
-    account = AccountStore(admin_engine).create_user("r" + uuid.uuid4().hex[:8],
-                                                     hash_password("pw"))
+    name = "r" + uuid.uuid4().hex[:8]
+    account = AccountStore(admin_engine).create_user(name, make_verifier(SESSION_PASSWORD))
     made = []
     for _ in range(4):
-        engine = create_engine(database_url, user_id=account)
-        made.append(MetadataStore(engine, account, open_own_session(engine, account, 300.0)))
+        login = login_as(database_url, name, SESSION_PASSWORD)
+        made.append(MetadataStore(session_engine(client_url_of(database_url), login),
+                                  account, login.session_id))
     yield account, made
     for meta in made:
-        meta.end_sessions([meta.session_id], "unmounted")
+        logout(meta.engine, "unmounted")
         meta.engine.dispose()
 
 
@@ -143,7 +145,7 @@ def deployment(database_url):
 
 @pytest.fixture(scope="module")
 def mnt(deployment):
-    with deployment.mount("alice", options=("allow_other",)) as live:
+    with deployment.mount("alice", options="allow_other") as live:
         os.chmod(live.path, 0o755)
         yield live
     deployment.assert_consistent("alice")

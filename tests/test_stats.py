@@ -36,6 +36,7 @@ def assert_consistent(engine, account: Account) -> None:
 def password_file(tmp_path):
     path = tmp_path / "password"
     path.write_text(PASSWORD + "\n")
+    path.chmod(0o600)  # a password file others may read is refused
     return str(path)
 
 
@@ -172,6 +173,7 @@ def test_table_output(database_url, account, dfsfs, password_file):
 def test_wrong_password_is_refused(database_url, account, dfsfs, tmp_path):
     wrong = tmp_path / "wrong"
     wrong.write_text("not the password")
+    wrong.chmod(0o600)
 
     result = dfsfs(database_url, "stats", "--user", account.name, "--password-file", str(wrong))
 

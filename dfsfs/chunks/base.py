@@ -41,10 +41,11 @@ class ChunkStore(abc.ABC):
     def put(self, namespace: int, digest: bytes, data: bytes) -> None:
         """Store `data` under the key.
 
-        On return the chunk's bytes are durable under a temporary name and readable under
-        the final one; the final name is durable once a later `sync()` has returned.
+        On return the chunk is readable under its key; it is durable once a later
+        `sync()` has returned (for a store that keeps nothing unsynced, at once).
         Concurrent puts of the same key are safe. Putting an existing key may skip the
-        write (content addressing makes it the same bytes).
+        write (content addressing makes it the same bytes), but a later `sync()` still
+        covers it.
         """
 
     @abc.abstractmethod

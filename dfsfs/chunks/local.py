@@ -1,9 +1,11 @@
 """Chunks as files in a local directory: ``root/<namespace>/<hex[0:2]>/<hex[2:4]>/<hex>``.
 
-A put writes a temporary file beside the final name, fsyncs it and renames it into place,
-so a reader never sees a half-written chunk. The rename becomes durable when the directory
-is fsync'd; `sync()` does that once for every directory changed since the last sync, which
-lets many puts share one directory fsync.
+A put writes a temporary file beside the final name and renames it into place, so a
+reader never sees a half-written chunk, and returns without waiting for the disk. `sync()`
+makes every put before it durable: it fsyncs the chunk files put since the last sync (in
+parallel, so the file system commits them together) and then their directories, deepest
+first. A power cut before a sync may leave a chunk file empty or partial: reads verify
+every chunk against its digest, and the metadata says which chunks were not yet settled.
 """
 
 import errno
@@ -13,6 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 from dfsfs.chunks.base import (
@@ -32,6 +35,7 @@ TEMP_SUFFIX = ".tmp"
 _CHUNK_NAME = re.compile(r"[0-9a-f]{64}")
 _FAN_OUT_NAME = re.compile(r"[0-9a-f]{2}")
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+SYNC_THREADS = 8  # files fsync'd at once by a sync
 
 
 class LocalChunkStore(ChunkStore):
@@ -46,6 +50,8 @@ class LocalChunkStore(ChunkStore):
         self._sync_lock = threading.Lock()
         self._existing_dirs: set[str] = set()  # directories known to exist: no makedirs
         self._dirty_dirs: set[str] = set()  # directories whose entries changed since sync
+        self._unsynced: set[str] = set()  # chunk files put since the last sync
+        self._syncers: futures.ThreadPoolExecutor | None = None
         try:
             os.makedirs(self.root, mode=DIRECTORY_MODE, exist_ok=True)
         except OSError as exc:
@@ -54,12 +60,13 @@ class LocalChunkStore(ChunkStore):
     def put(self, namespace: int, digest: bytes, data: bytes) -> None:
         path = self._path(namespace, digest)
         directory = os.path.dirname(path)
-        if self._exists(path):
-            # Another thread may have renamed it into place and not synced the directory
-            # yet: the next sync does.
-            self._mark_dirty(directory)
-        else:
+        if not self._exists(path):
             self._write_new(directory, path, data)
+        # Whoever wrote it (this put, or another one not synced yet), the next sync makes
+        # it durable for this caller.
+        with self._lock:
+            self._unsynced.add(path)
+            self._dirty_dirs.add(directory)
 
     def get(self, namespace: int, digest: bytes) -> bytes:
         path = self._path(namespace, digest)
@@ -93,16 +100,40 @@ class LocalChunkStore(ChunkStore):
     def sync(self) -> None:
         with self._sync_lock:
             with self._lock:
+                files, self._unsynced = self._unsynced, set()
                 dirty, self._dirty_dirs = self._dirty_dirs, set()
+            try:
+                self._sync_files(files)
+            except OSError as exc:
+                with self._lock:  # a later sync tries them all again
+                    self._unsynced.update(files)
+                    self._dirty_dirs.update(dirty)
+                raise self._error("syncing chunk files in", self.root, exc) from exc
             # Deepest first: a new directory's own entries, then its entry in its parent.
             pending = sorted(dirty, key=len, reverse=True)
             for synced, directory in enumerate(pending):
                 try:
                     _fsync_directory(directory)
+                except FileNotFoundError:
+                    continue  # emptied and removed meanwhile
                 except OSError as exc:
                     with self._lock:
                         self._dirty_dirs.update(pending[synced:])  # a later sync retries them
                     raise self._error("syncing directory", directory, exc) from exc
+
+    def _sync_files(self, paths: set[str]) -> None:
+        if len(paths) <= 1:
+            for path in paths:
+                _fdatasync_file(path)
+            return
+        if self._syncers is None:
+            self._syncers = futures.ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-sync")
+        for done in list(self._syncers.map(_fdatasync_file, paths)):
+            del done
+
+    def close(self) -> None:
+        if self._syncers is not None:
+            self._syncers.shutdown()
 
     def remove_stale_temp_files(self, older_than_s: float) -> int:
         """Delete temporary files left by interrupted puts; return how many were removed.
@@ -143,11 +174,8 @@ class LocalChunkStore(ChunkStore):
         temp_path = os.path.join(directory, temp_name)
         try:
             self._ensure_directory(directory)
-            _write_and_fsync(temp_path, data)
+            _write_file(temp_path, data, self._account_owner(directory))
             os.rename(temp_path, path)
-            # At once, in this thread: the puts of a file's chunks sync in parallel,
-            # and a small file's close does not wait for a separate sync round.
-            _fsync_directory(directory)
         except OSError as exc:
             _remove_quietly(temp_path)
             raise self._error("writing", path, exc) from exc
@@ -155,19 +183,38 @@ class LocalChunkStore(ChunkStore):
     def _ensure_directory(self, directory: str) -> None:
         if directory in self._existing_dirs:
             return
+        existing = directory  # the deepest level that exists already
+        while existing != self.root and not os.path.isdir(existing):
+            existing = os.path.dirname(existing)
         os.makedirs(directory, mode=DIRECTORY_MODE, exist_ok=True)
-        # Some of the levels may be new: their entries in their parents, up to root,
-        # become durable with the next sync. This happens once per directory.
+        owner = self._account_owner(directory)
+        if owner is not None:  # levels root made inside an account's directory are its user's
+            for level in (directory, os.path.dirname(directory)):
+                os.chown(level, *owner)
+        # The new levels, and the entry of the first in the level that existed, become
+        # durable with the next sync. This happens once per directory. Only levels whose
+        # entries changed: a shared store root that this user may enter but not read (an
+        # account's directory made by `dfsfs user add`) is never opened.
         with self._lock:
             parent = directory
-            while parent != self.root:
+            while parent != existing:
                 parent = os.path.dirname(parent)
                 self._dirty_dirs.add(parent)
             self._existing_dirs.add(directory)
 
-    def _mark_dirty(self, directory: str) -> None:
-        with self._lock:
-            self._dirty_dirs.add(directory)
+    def _account_owner(self, directory: str) -> tuple[int, int] | None:
+        """(uid, gid) of the account directory above `directory` when this process is root
+        and another user owns it (`dfsfs user add` gives each account's directory to its
+        Linux user): what root writes there (fsck --repair, a root mount) must stay
+        readable by that user's daemon. None otherwise."""
+        if os.geteuid() != 0:
+            return None
+        account_dir = os.path.dirname(os.path.dirname(directory))
+        try:
+            status = os.stat(account_dir)
+        except OSError:
+            return None
+        return None if status.st_uid == 0 else (status.st_uid, status.st_gid)
 
     def _leaf_directories(self, namespace: int | None) -> Iterator[tuple[int, str, str]]:
         """(namespace, directory, hex[0:4] of the chunks it holds) for each leaf directory."""
@@ -209,14 +256,27 @@ class LocalChunkStore(ChunkStore):
         return StorageError(f"{self.name}: {action} {path} failed: {exc.strerror or exc}")
 
 
-def _write_and_fsync(path: str, data: bytes) -> None:
+def _write_file(path: str, data: bytes, owner: tuple[int, int] | None = None) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         remaining = memoryview(data)
         while remaining:
             written = os.write(fd, remaining)
             remaining = remaining[written:]
-        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fdatasync_file(path: str) -> None:
+    """Make a chunk file's bytes durable (one deleted since it was put needs nothing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        os.fdatasync(fd)
     finally:
         os.close(fd)
 

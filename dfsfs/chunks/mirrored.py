@@ -15,14 +15,16 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from dfsfs.chunks.base import ChunkMissingError, ChunkStore, check_key, digest_of
-from dfsfs.errors import ChunkLostError, NoSpaceError, StorageError
+from dfsfs.errors import ChunkLostError, NoSpaceError, StorageError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
 Role = Literal["primary", "backup"]
 # "unreadable": the store answered with an I/O error rather than bytes or "absent".
 DamageKind = Literal["missing", "corrupt", "unreadable"]
-CopyState = Literal["ok", DamageKind]
+# "unavailable": the store did not answer at all (an outage): nothing is known of the copy,
+# and nothing is recorded or repaired.
+CopyState = Literal["ok", "unavailable", DamageKind]
 
 # Backup writes run in this many threads while the calling thread writes the primary;
 # callers beyond that wait, which slows writers to the backup's pace.
@@ -66,8 +68,13 @@ class CheckResult:
 
     @property
     def lost(self) -> bool:
-        """No store holds a good copy."""
-        return self.primary != "ok" and self.backup != "ok"
+        """No store holds a good copy, and both said so."""
+        return "ok" not in (self.primary, self.backup) and not self.unknown
+
+    @property
+    def unknown(self) -> bool:
+        """A store did not answer, and the other holds no good copy: nothing is settled."""
+        return "ok" not in (self.primary, self.backup) and "unavailable" in (self.primary, self.backup)
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,8 @@ class MirroredChunkStore(ChunkStore):
     def get(self, namespace: int, digest: bytes) -> bytes:
         """The chunk's bytes, verified; from the backup if the primary copy is bad.
 
-        Raises ChunkLostError when neither copy is good.
+        Raises ChunkLostError when neither copy is good, StoreUnavailableError when a
+        store did not answer and the other holds no good copy (an outage, not damage).
         """
         check_key(namespace, digest)
         primary = _read_verified("primary", self.primary, namespace, digest)
@@ -118,12 +126,12 @@ class MirroredChunkStore(ChunkStore):
             return primary.data
         backup = _read_verified("backup", self.backup, namespace, digest)
         self._mend(namespace, digest, [primary, backup], good_data=backup.data)
-        if backup.data is None:
-            raise ChunkLostError(
-                f"chunk {digest.hex()} of namespace {namespace} has no good copy "
-                f"(primary {primary.state}, backup {backup.state})"
-            )
-        return backup.data
+        if backup.data is not None:
+            return backup.data
+        states = f"primary {primary.state}, backup {backup.state}"
+        if "unavailable" in (primary.state, backup.state):
+            raise StoreUnavailableError(f"chunk {digest.hex()}: a chunk store does not answer ({states})")
+        raise ChunkLostError(f"chunk {digest.hex()} of namespace {namespace} has no good copy ({states})")
 
     def has(self, namespace: int, digest: bytes) -> bool:
         """Whether every copy put() promises is there: both, unless the backup is queued."""
@@ -214,7 +222,7 @@ class MirroredChunkStore(ChunkStore):
         """Report every bad copy, rewriting it from `good_data` if given; return the rewritten."""
         repaired: list[Role] = []
         for copy in copies:
-            if copy.state == "ok":
+            if copy.state in ("ok", "unavailable"):
                 continue
             fixed = good_data is not None and _rewrite(copy.store, namespace, digest, good_data)
             if fixed:
@@ -241,6 +249,8 @@ def _read_verified(role: Role, store: ChunkStore, namespace: int, digest: bytes)
         data = store.get(namespace, digest)
     except ChunkMissingError:
         return _Copy(role, store, "missing", detail=f"{store.name} holds no copy")
+    except StoreUnavailableError as exc:
+        return _Copy(role, store, "unavailable", detail=str(exc))
     except StorageError as exc:
         return _Copy(role, store, "unreadable", detail=str(exc))
     actual = digest_of(data)

@@ -1,15 +1,17 @@
 """Storing chunks, committing files, and the sync points that make both durable.
 
 The protocol (meta/migrations/0008_write_path.sql has the server side):
-1. A sealed chunk is hashed, then reserved: the mount takes a hold on its chunk row, and
-   learns whether its bytes must be put (new, or not known durable). Reservations of
-   chunks sealed at the same moment travel in one call.
-2. The bytes are put into both stores, without waiting for the disks; the chunk is now
-   "unsettled" until the next sync point. No transaction is open meanwhile.
-3. A commit points the file's chunk indices at the reserved chunks (turning holds into
-   references), in one call for every file waiting to commit at that moment, in the order
-   they asked. It commits without waiting for the WAL flush: visible to every mount at
-   once, durable at the next sync point.
+1. A sealed chunk is hashed and put into both stores, without waiting for the disks and
+   without a metadata call; it is "unsettled" until the next sync point.
+2. A commit points the file's chunk indices at the chunks it put, in one call for every
+   file waiting to commit at that moment, in the order they asked. A chunk new to the
+   account gets its row there, taken on trust unless a deletion of it was claimed lately
+   (the deletion may have removed the bytes after the put): then the commit is refused,
+   and the chunk is secured — reserved (a hold, which waits for a deletion under way to
+   end) and put again — before the commit is sent again. A put too old to trust is
+   secured before its commit. The commit does not wait for the WAL flush: visible to
+   every mount at once, durable at the next sync point. Chunks put and then overwritten
+   before any commit named them are claimed for deletion at once (invariant 5).
 4. A sync point (every `commit_interval_s` while anything is unsettled; fsync; fsyncdir;
    a rename of a freshly written file; unmount) syncs both stores, then settles the chunks
    in a durable commit, which flushes the WAL with every earlier commit of the mount.
@@ -24,12 +26,19 @@ from dataclasses import dataclass, field
 
 import trio
 
+from dfsfs import recovery
 from dfsfs.chunks.base import ChunkStore
 from dfsfs.core import chunking
 from dfsfs.core.offload import Offload
 from dfsfs.core.settings import CoreSettings
 from dfsfs.core.write_buffer import FileState, PendingChunk, Sealer
-from dfsfs.errors import DfsfsError, MetadataUnavailableError, StorageError
+from dfsfs.errors import (
+    BusyError,
+    DfsfsError,
+    MetadataUnavailableError,
+    StorageError,
+    StoreUnavailableError,
+)
 from dfsfs.meta.store import MetadataStore
 from dfsfs.types import ChunkRef, FileCommit, ReclaimableChunk, Reservation
 
@@ -38,6 +47,9 @@ log = logging.getLogger(__name__)
 RESERVE_BATCH = 256  # chunks per reservation call
 COMMIT_BATCH = 64  # files per commit call
 BUSY_RETRY_S = 0.01  # a chunk whose bytes are being deleted: ask again after this
+# A put older than this is not taken on trust by a commit (chunk_tombstones keep a claimed
+# deletion for an hour; this leaves a wide margin).
+TRUSTED_PUT_S = 600.0
 
 
 @dataclass
@@ -91,28 +103,22 @@ class _Batches:
 
 
 class ChunkWriter:
-    """Stores sealed chunks: hash (worker thread), reserve (batched), put (worker thread)."""
+    """Stores sealed chunks: hash and put, in one worker thread call. A chunk's bytes are
+    taken on trust by the commit that names them (dfsfs_take_chunk); one whose deletion may
+    have crossed its put is `secured`: reserved (a hold; waiting for a deletion under way),
+    and put again."""
 
-    def __init__(self, meta: MetadataStore, store: ChunkStore, offload: Offload,
-                 committer: "Committer"):
+    def __init__(self, meta: MetadataStore, store: ChunkStore, offload: Offload):
         self.meta = meta
         self.store = store
         self.offload = offload
-        self.committer = committer
         self._reservations = _Batches(RESERVE_BATCH)
 
     async def store_chunk(self, pending: PendingChunk) -> None:
-        """Store one sealed chunk; the outcome lands on `pending` (ref, chunk_id or error)."""
+        """Store one sealed chunk; the outcome lands on `pending` (its ref, or an error)."""
         try:
-            ref = await self.offload.chunks(chunking.chunk_ref, pending.data)
-            if ref is not None:
-                reservation = await self.reserve(ref)
-                pending.chunk_id = reservation.chunk_id
-                if reservation.must_store:
-                    await self.offload.chunks(self.store.put, self.meta.account_id, ref.digest,
-                                              pending.data)
-                    self.committer.stored(reservation.chunk_id)
-            pending.ref = ref
+            pending.ref = await self.offload.chunks(self._hash_and_put, pending.data)
+            pending.put_at = trio.current_time()
         except BaseException as error:  # noqa: BLE001 - reported by the commit that needs it
             pending.error = error
             if isinstance(error, trio.Cancelled):
@@ -120,8 +126,22 @@ class ChunkWriter:
         finally:
             pending.done.set()
 
-    async def reserve(self, ref: ChunkRef) -> Reservation:
-        return await self._reservations.ask(ref)
+    def _hash_and_put(self, data: bytes | bytearray) -> ChunkRef | None:
+        """Worker thread: an all-zero chunk is a hole, stored nowhere."""
+        ref = chunking.chunk_ref(data)
+        if ref is not None:
+            self.store.put(self.meta.account_id, ref.digest, data)
+        return ref
+
+    async def secure(self, pending: PendingChunk) -> None:
+        """Hold the chunk (waiting for a deletion of it under way to end) and put it again
+        if its bytes may be gone."""
+        reservation = await self._reservations.ask(pending.ref)
+        pending.chunk_id = reservation.chunk_id
+        if reservation.must_store:
+            await self.offload.chunks(self.store.put, self.meta.account_id, pending.ref.digest,
+                                      pending.data)
+        pending.put_at = trio.current_time()
 
     async def run_reservations(self) -> None:
         """Reserve what callers asked for, many at a time; retry chunks whose bytes were
@@ -145,6 +165,20 @@ class ChunkWriter:
             for request in busy:
                 self._reservations.put(request)
 
+    async def forget(self, pendings: list[PendingChunk], keep: set[bytes]) -> list[ReclaimableChunk]:
+        """Chunks put and then not committed (overwritten first, or their commit failed for
+        good): drop the holds taken on them; claim the bytes no row names for deletion
+        (except digests in `keep`, still wanted). Returns what is claimed or freed, for the
+        reclaimer (claimed ones are deleted at once)."""
+        held = [p.chunk_id for p in pendings if p.chunk_id is not None]
+        loose = {p.ref.digest for p in pendings
+                 if p.chunk_id is None and p.ref is not None and p.error is None} - keep
+        freed = await self.offload.meta(self.meta.drop_holds, held) if held else []
+        if loose:
+            claimed = await self.offload.meta(self.meta.claim_orphans, sorted(loose))
+            await self.offload.chunks(recovery.delete_claimed, self.meta, self.store, claimed)
+        return freed
+
 
 class Committer:
     """Commits files in batches and runs the sync points (see the module docstring)."""
@@ -156,10 +190,14 @@ class Committer:
         self.offload = offload
         self.settings = settings
         self.reclaim = reclaim  # chunks a commit left without references
-        self._unsettled: set[int] = set()  # chunk ids this mount put since the last sync point
+        # Chunks this mount committed since the last sync point: the sync point syncs the
+        # stores (every put before it) and then settles them. (A digest is settled only once
+        # committed: before, it may have no row to settle.)
+        self._unsettled: set[bytes] = set()
         self.written_since_sync: set[int] = set()  # inodes this mount committed since then
         self._sync_lock = trio.Lock()
         self._commits = _Batches(COMMIT_BATCH)
+        self.chunk_writer = ChunkWriter(meta, store, offload)
 
     # ---- commits ------------------------------------------------------------------------
 
@@ -198,25 +236,18 @@ class Committer:
             superseded = list(state.superseded)
             for pending in [*batch.values(), *superseded]:
                 await pending.done.wait()
-            failed = {i: p for i, p in batch.items() if p.error is not None}
-            if failed:
-                error = storage_error(next(iter(failed.values())).error)
-                if all(isinstance(p.error, MetadataUnavailableError) for p in failed.values()):
-                    state.unseal(failed)  # the database is away: a later commit stores them
-                else:
-                    await self.give_up(state)
-                raise error
+            await self.raise_failed_puts(state)
             changes = state.uncommitted_changes()
             drop_from = None if stored_only else state.drop_from
-            commit = FileCommit(state.ino, size, {i: p.chunk_id for i, p in batch.items()},
+            commit = FileCommit(state.ino, size, {i: p.ref for i, p in batch.items()},
                                 drop_from, changes)
             try:
-                await self.commit(commit)
+                await self._commit_secured(commit, batch)
             except DfsfsError as error:
                 if self.offload.metadata_reachable:  # refused: this will not commit later either
                     await self.give_up(state)
                 raise
-            await self._drop_holds(p.chunk_id for p in superseded)
+            await self._forget(superseded, state)
             state.superseded = [p for p in state.superseded if p not in superseded]
             for index, pending in batch.items():
                 if state.pending.get(index) is pending:  # not replaced by a newer version
@@ -229,6 +260,43 @@ class Committer:
             state.forget_committed(changes, saw_latest=state.write_seq == seen_seq
                                    and not state.buffers and not state.pending)
             return batch
+
+    async def raise_failed_puts(self, state: FileState) -> None:
+        """A chunk of the file that could not be stored fails the next write at once (the
+        store is full, say), rather than the close after gigabytes more: the file's
+        uncommitted writes are then forgotten, as a failed commit forgets them."""
+        failed = {i: p for i, p in state.pending.items() if p.done.is_set() and p.error is not None}
+        if not failed:
+            return
+        error = storage_error(next(iter(failed.values())).error)
+        if all(isinstance(p.error, (MetadataUnavailableError, StoreUnavailableError))
+               for p in failed.values()):
+            state.unseal(failed)  # a server is away: a later commit stores them
+        else:
+            await self.give_up(state)
+        raise error
+
+    async def _commit_secured(self, commit: FileCommit, batch: dict[int, PendingChunk]) -> None:
+        """Commit; a put old enough that a deletion of its chunk may have crossed it
+        unseen (see chunk_tombstones), or a commit refused because one did, has its chunks
+        secured first."""
+        too_old = trio.current_time() - TRUSTED_PUT_S
+        for pending in batch.values():
+            if pending.ref is not None and pending.chunk_id is None and pending.put_at < too_old:
+                await self.chunk_writer.secure(pending)
+        try:
+            await self.commit(commit)
+        except BusyError:
+            for pending in batch.values():
+                if pending.ref is not None and pending.chunk_id is None:
+                    await self.chunk_writer.secure(pending)
+            await self.commit(commit)
+
+    async def _forget(self, pendings: list[PendingChunk], state: FileState) -> None:
+        """Chunks of `state` put and not committed: their holds and bytes go."""
+        if pendings:
+            wanted = {p.ref.digest for p in state.pending.values() if p.ref is not None}
+            self.reclaim(await self.chunk_writer.forget(pendings, keep=wanted))
 
     @staticmethod
     def _update_chunk_map(state: FileState, batch: dict[int, PendingChunk],
@@ -245,21 +313,16 @@ class Committer:
                 state.chunk_map[index] = pending.ref
 
     async def give_up(self, state: FileState) -> None:
-        """Forget a file's uncommitted writes (their commit failed for good) and the holds
-        their stored chunks took."""
+        """Forget a file's uncommitted writes (their commit failed for good), and the
+        chunks put for them."""
         dropped = state.drop_uncommitted()
         for pending in dropped:
             await pending.done.wait()
         try:
-            await self._drop_holds(p.chunk_id for p in dropped)
-        except DfsfsError as error:  # the session's end releases them
-            log.warning("inode %d: could not drop the holds of %d chunks: %s",
+            await self._forget(dropped, state)
+        except DfsfsError as error:  # fsck or the session's end settles them
+            log.warning("inode %d: could not let go of %d chunks put for it: %s",
                         state.ino, len(dropped), error)
-
-    async def _drop_holds(self, chunk_ids) -> None:
-        chunk_ids = [chunk_id for chunk_id in chunk_ids if chunk_id is not None]
-        if chunk_ids:
-            self.reclaim(await self.offload.meta(self.meta.drop_holds, chunk_ids))
 
     async def run_commits(self) -> None:
         await self._commits.serve(self._commit_batch)
@@ -271,14 +334,11 @@ class Committer:
         for request, refusal in zip(batch, refusals, strict=True):
             if refusal is None:
                 self.written_since_sync.add(request.item.ino)
+                self._unsettled.update(ref.digest for ref in request.item.chunks.values() if ref)
             request.error = refusal
             request.done.set()
 
     # ---- sync points ----------------------------------------------------------------------
-
-    def stored(self, chunk_id: int) -> None:
-        """A put of this chunk returned: the next sync point makes it durable."""
-        self._unsettled.add(chunk_id)
 
     @property
     def behind(self) -> bool:
@@ -291,14 +351,14 @@ class Committer:
         async with self._sync_lock:
             if not self.behind:
                 return
-            chunk_ids = sorted(self._unsettled)
+            digests = sorted(self._unsettled)
             inodes = set(self.written_since_sync)
             await self.offload.chunks(self.store.sync)
-            if chunk_ids:
-                await self.offload.meta(self.meta.settle, chunk_ids)
+            if digests:
+                await self.offload.meta(self.meta.settle, digests)
             else:
                 await self.offload.meta(self.meta.flush_wal)
-            self._unsettled.difference_update(chunk_ids)
+            self._unsettled.difference_update(digests)
             self.written_since_sync.difference_update(inodes)
 
     async def run_sync_points(self) -> None:

@@ -22,17 +22,26 @@ from dfsfs import recovery
 from dfsfs.chunks.mirrored import MirroredChunkStore
 from dfsfs.core.attrs import AttrView
 from dfsfs.core.caches import TTLCache, WriteBudget
-from dfsfs.core.committer import ChunkWriter, Committer
+from dfsfs.core.committer import Committer
 from dfsfs.core.damage import DamageLog
 from dfsfs.core.handles import HandleTable
 from dfsfs.core.inodes import InodeTable
+from dfsfs.core.listings import KnownListings
 from dfsfs.core.offload import Offload, supervised
 from dfsfs.core.reader import Reader
 from dfsfs.core.removals import InodeReleaser, Reclaimer, RemovalQueue
-from dfsfs.core.settings import MAX_FILE_SIZE, NAME_MAX, PATH_MAX, XATTR_SIZE_MAX, CoreSettings
+from dfsfs.core.settings import (
+    MAX_FILE_SIZE,
+    NAME_MAX,
+    PATH_MAX,
+    RELATIME_AGE_NS,
+    XATTR_SIZE_MAX,
+    CoreSettings,
+)
 from dfsfs.core.write_buffer import FileState, PendingChunk
 from dfsfs.errors import (
     DfsfsError,
+    ExistsError,
     FileTooLargeError,
     InvalidArgumentError,
     IsDirectoryError,
@@ -44,17 +53,40 @@ from dfsfs.errors import (
     QuotaExceededError,
     StaleError,
 )
+from dfsfs.meta.feed import Change, EntryChanged
 from dfsfs.meta.store import MetadataStore
 from dfsfs.recovery import RecoveryReport
 from dfsfs.types import Attrs, QueuedRemoval, Usage
 
 log = logging.getLogger(__name__)
 
+RENAME_EXCHANGE = 2  # renameat2(2): the two names swap inodes
+
 UNSUPPORTED_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 MAP_AT_OPEN_CHUNKS = 64  # files up to this many chunks get their chunk map with their attrs
 CAPABILITY_XATTR = b"security.capability"  # asked for by the kernel before writes
 NODE_TYPES = (stat_module.S_IFREG, stat_module.S_IFDIR, stat_module.S_IFLNK, stat_module.S_IFIFO,
               stat_module.S_IFSOCK, stat_module.S_IFCHR, stat_module.S_IFBLK)
+
+
+@dataclass(frozen=True)
+class EntryInvalidation:
+    """The kernel must look this name up again; `deleted`: the inode it named is gone
+    from it (the kernel tells inotify watchers)."""
+
+    parent_ino: int
+    name: bytes
+    deleted: int = 0
+
+
+@dataclass(frozen=True)
+class InodeInvalidation:
+    """The kernel must drop an inode's cached attributes and pages."""
+
+    ino: int
+
+
+KernelInvalidation = EntryInvalidation | InodeInvalidation
 
 
 @dataclass(frozen=True)
@@ -86,13 +118,16 @@ class FileSystem:
         self.reader = Reader(meta, store, self.offload, settings)
         self.reclaimer = Reclaimer(meta, store, self.offload, self.reader.cache.discard)
         self.committer = Committer(meta, store, self.offload, settings, self.reclaimer.add)
-        self.chunk_writer = ChunkWriter(meta, store, self.offload, self.committer)
+        self.chunk_writer = self.committer.chunk_writer
         self.removals = RemovalQueue(meta, self.offload, self._removed)
-        self.releaser = InodeReleaser(meta, self.offload, self.reclaimer.add, self._purged)
+        self.releaser = InodeReleaser(meta, self.offload, self.reclaimer.add, self._purged,
+                                      grace_s=settings.attr_cache_s + 1.0)
+        self._names_gone_at: dict[int, float] = {}  # inodes whose last name went (trio clock)
         self.damage = DamageLog(meta, self.offload)
         self._missing_xattrs: TTLCache[tuple[int, bytes], bool] = TTLCache(
             settings.missing_xattr_cache_s)
         self._names: TTLCache[tuple[int, bytes], int] = TTLCache(3600.0, 100_000)  # → ino
+        self.listings = KnownListings()
         self._usage: tuple[float, Usage] | None = None
         self._nursery: trio.Nursery | None = None
 
@@ -149,14 +184,18 @@ class FileSystem:
     async def _release_all(self) -> None:
         for ino in self.inodes.all_held():
             self.releaser.release(ino)
-        await self.releaser.settle()
+        await self.releaser.settle(everything=True)
 
     async def recover(self, ended_sessions: list[int]) -> RecoveryReport:
         """At mount: settle what sessions of the account that are over left behind (see
         dfsfs/recovery.py). `ended_sessions` are sessions found dead on this machine. Takes
         as long as checking the unsettled chunks takes: no timeout."""
-        report = await trio.to_thread.run_sync(recovery.recover, self.meta, self.store,
-                                               self.settings.chunk_size, ended_sessions)
+        try:
+            report = await trio.to_thread.run_sync(recovery.recover, self.meta, self.store,
+                                                   self.settings.chunk_size, ended_sessions)
+        except DfsfsError as error:  # the next mount, or fsck, settles them
+            log.warning("recovery of ended sessions deferred: %s", error)
+            return RecoveryReport()
         if report.ended_sessions or report.purged_inodes or report.cut_files:
             log.info("recovery: %d sessions over, %d unlinked inodes purged, %d chunks settled,"
                      " %d files cut back", report.ended_sessions, report.purged_inodes,
@@ -167,7 +206,7 @@ class FileSystem:
 
     async def lookup(self, parent_ino: int, name: bytes) -> Attrs:
         _check_name(name)
-        if self.removals.hides(parent_ino, name):
+        if self.removals.hides(parent_ino, name) or self.listings.absent(parent_ino, name):
             raise NotFoundError("no such entry")
         attrs = await self._settled_attrs(self.meta.lookup, parent_ino, name)
         self._names.put((parent_ino, name), attrs.ino)
@@ -255,9 +294,36 @@ class FileSystem:
     def forget(self, ino: int, count: int) -> None:
         """The kernel dropped `count` references to `ino`."""
         if self.inodes.forgotten(ino, count):
-            self.releaser.release(ino)
+            self._release(ino)
         if not self.inodes.referenced(ino):
             self.attrs.forget(ino)
+
+    # ---- changes made by other mounts ------------------------------------------------------
+
+    def changed_elsewhere(self, changes: list[Change]) -> list[KernelInvalidation]:
+        """Another mount of the account committed these changes: forget what is kept of
+        them here, and say what the kernel must forget (only what it can know: inodes it
+        holds references to, entries of directories it holds)."""
+        invalidations = []
+        for change in changes:
+            if isinstance(change, EntryChanged):
+                self._names.discard((change.parent_ino, change.name))
+                if change.gone:
+                    self.listings.removed(change.parent_ino, change.name)
+                else:
+                    self.listings.added(change.parent_ino, change.name)
+                self.attrs.forget(change.parent_ino)
+                if self._kernel_knows(change.parent_ino):
+                    deleted = change.ino if change.gone and self.inodes.referenced(change.ino) else 0
+                    invalidations.append(EntryInvalidation(change.parent_ino, change.name, deleted))
+            else:
+                self.attrs.forget(change.ino)
+                if self.inodes.referenced(change.ino):
+                    invalidations.append(InodeInvalidation(change.ino))
+        return invalidations
+
+    def _kernel_knows(self, ino: int) -> bool:
+        return ino == self.root_ino or self.inodes.referenced(ino)
 
     # ---- namespace changes -------------------------------------------------------------------
 
@@ -275,6 +341,9 @@ class FileSystem:
                                         now_ns, rdev, target, hold)
         self.attrs.dir_changed(parent_ino, now_ns, nlink_delta=1 if attrs.is_dir else 0)
         self._names.put((parent_ino, name), attrs.ino)
+        self.listings.added(parent_ino, name)
+        if attrs.is_dir:
+            self.listings.known(attrs.ino, set())  # made here, empty
         return self.attrs.shown(attrs)
 
     async def _inherited_group(self, parent_ino: int, mode: int, gid: int) -> tuple[int, int]:
@@ -289,8 +358,17 @@ class FileSystem:
 
     async def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
                      flags: int) -> tuple[int, Attrs]:
-        attrs = await self.make_node(parent_ino, name, stat_module.S_IFREG | (mode & 0o7777),
-                                     uid, gid, hold=True)
+        try:
+            attrs = await self.make_node(parent_ino, name, stat_module.S_IFREG | (mode & 0o7777),
+                                         uid, gid, hold=True)
+        except ExistsError:
+            if flags & os.O_EXCL:
+                raise
+            # Another mount made the name since this one looked: open what is there.
+            self.listings.forget(parent_ino)
+            attrs = await self.lookup(parent_ino, name)
+            fh, _ = await self.open(attrs.ino, flags)
+            return fh, await self.getattr(attrs.ino)
         self._missing_xattrs.put((attrs.ino, CAPABILITY_XATTR), True)  # a new file has none
         state = self.states.get(attrs.ino)
         if state is None:
@@ -306,6 +384,7 @@ class FileSystem:
         attrs = await self.offload.meta(self.meta.link, ino, new_parent_ino, new_name, now_ns)
         self.attrs.dir_changed(new_parent_ino, now_ns)
         self._names.put((new_parent_ino, new_name), ino)
+        self.listings.added(new_parent_ino, new_name)
         return self.attrs.shown(attrs)
 
     async def unlink(self, parent_ino: int, name: bytes, *, directory: bool = False) -> None:
@@ -314,6 +393,7 @@ class FileSystem:
         removal = QueuedRemoval(parent_ino, name, time.time_ns(), directory)
         await self.removals.remove(removal)
         self._names.discard((parent_ino, name))
+        self.listings.removed(parent_ino, name)
         self.attrs.dir_changed(parent_ino, removal.now_ns, nlink_delta=-1 if directory else 0)
 
     async def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
@@ -328,12 +408,17 @@ class FileSystem:
         await self._commit_if_open(source_ino)
         if source_ino in self.committer.written_since_sync:
             await self.committer.sync()
-        replaced = await self.offload.meta(self.meta.rename, old_parent_ino, old_name,
-                                           new_parent_ino, new_name, flags, time.time_ns())
-        for ino in (old_parent_ino, new_parent_ino, source_ino):  # times and link counts moved
+        moved, replaced = await self.offload.meta(
+            self.meta.rename, old_parent_ino, old_name, new_parent_ino, new_name, flags,
+            time.time_ns())
+        # (`source_ino` may be stale: another mount may have replaced the name since)
+        for ino in (old_parent_ino, new_parent_ino, source_ino, moved.ino):  # times, link counts
             self.attrs.forget(ino)
         self._names.discard((old_parent_ino, old_name))
-        self._names.put((new_parent_ino, new_name), source_ino)
+        self._names.put((new_parent_ino, new_name), moved.ino)
+        if not flags & RENAME_EXCHANGE:
+            self.listings.removed(old_parent_ino, old_name)
+            self.listings.added(new_parent_ino, new_name)
         if replaced is not None:
             self._removed(replaced)
 
@@ -353,13 +438,19 @@ class FileSystem:
         if attrs.nlink > 0:
             return
         self._count_growth(-attrs.size)
+        self._names_gone_at[attrs.ino] = trio.current_time()
         if self.inodes.held(attrs.ino):
-            self.releaser.release(attrs.ino)
+            self._release(attrs.ino)
+
+    def _release(self, ino: int) -> None:
+        """Neither the kernel nor a handle refers to `ino` any more: let go of it."""
+        self.releaser.release(ino, self._names_gone_at.get(ino))
 
     def _purged(self, inos: list[int]) -> None:
         for ino in inos:
             self.states.pop(ino, None)
             self.attrs.forget(ino)
+            self._names_gone_at.pop(ino, None)
 
     # ---- open files ------------------------------------------------------------------------
 
@@ -376,7 +467,8 @@ class FileSystem:
                 raise StaleError(f"inode {ino} is gone") from None  # the kernel looks again
             if attrs.is_dir:
                 raise IsDirectoryError("is a directory")
-            current = self.attrs.seen(attrs)
+            # strictatime: every read must reach the core, not the kernel's page cache
+            current = self.attrs.seen(attrs) and self.settings.atime != "strictatime"
             state = self.states.get(ino)
             if state is None:
                 state = self.states[ino] = FileState(attrs)
@@ -431,7 +523,7 @@ class FileSystem:
                     self.states.pop(state.ino, None)
                     self.attrs.shown(state.attrs)
         if self.inodes.closed(state.ino):
-            self.releaser.release(state.ino)
+            self._release(state.ino)
 
     async def _commit_if_open(self, ino: int) -> None:
         state = self.states.get(ino)
@@ -447,6 +539,7 @@ class FileSystem:
         if state.error is not None:
             error, state.error = state.error, None
             raise error
+        await self.committer.raise_failed_puts(state)
         await self._check_byte_quota(state, offset + len(data))
         await self.budget.wait_for_room(len(data))  # back-pressure before taking memory
         try:
@@ -466,7 +559,14 @@ class FileSystem:
         """Hand a chunk's bytes to the ChunkWriter: stored now, committed later."""
         state.supersede(index)
         pending = state.pending[index] = PendingChunk(data)
-        self._nursery.start_soon(self.chunk_writer.store_chunk, pending)
+        self._nursery.start_soon(self._store_sealed, state, pending)
+
+    async def _store_sealed(self, state: FileState, pending: PendingChunk) -> None:
+        """Store a sealed chunk; then commit what is stored when enough has gathered, or
+        when writers wait for memory: a streaming writer's file commits behind it."""
+        await self.chunk_writer.store_chunk(pending)
+        if state.pending_bytes >= self.settings.commit_batch_bytes or self.budget.pressure.is_set():
+            self._commit_in_background(state, stored_only=True)
 
     def _charge(self, state: FileState) -> None:
         """Charge the write budget with what `state` holds now."""
@@ -489,17 +589,18 @@ class FileSystem:
             batch = await self.committer.commit_state(state, self._seal, stored_only)
         finally:
             self._charge(state)
-        for pending in batch.values():
-            if pending.ref is not None:
-                self.reader.cache.put(pending.ref.digest, bytes(pending.data))
         if batch or state.committed_size != old_size:
             self._count_growth(state.committed_size - old_size)
             self.attrs.wrote(state.attrs)
 
     def _commit_in_background(self, state: FileState, stored_only: bool = False) -> None:
-        if not state.commit_scheduled:
-            state.commit_scheduled = True
-            self._nursery.start_soon(self._background_commit, state, stored_only)
+        """Commit in the background; asked while one runs, commit again after it (all of
+        it if either asked for that)."""
+        if state.commit_scheduled:
+            state.commit_again = stored_only and state.commit_again is not False
+            return
+        state.commit_scheduled = True
+        self._nursery.start_soon(self._background_commit, state, stored_only)
 
     async def _background_commit(self, state: FileState, stored_only: bool) -> None:
         try:
@@ -511,6 +612,9 @@ class FileSystem:
             # otherwise the writes stay buffered and a later commit retries them
         finally:
             state.commit_scheduled = False
+            again, state.commit_again = state.commit_again, None
+            if again is not None:
+                self._commit_in_background(state, stored_only=again)
 
     async def _commit_idle_or_pressed(self) -> None:
         """Commit writes that sat idle too long, and the largest when memory runs short."""
@@ -521,9 +625,12 @@ class FileSystem:
             self.budget.pressure = trio.Event()
         now = time.monotonic()
         for state in sorted(self.states.values(), key=lambda s: -s.held_bytes):
-            idle = now - state.last_write > self.settings.idle_commit_s
-            if state.has_uncommitted and (pressure or idle):
+            if not state.has_uncommitted:
+                continue
+            if now - state.last_write > self.settings.idle_commit_s:
                 self._commit_in_background(state)
+            elif pressure:  # what is stored goes first; a state with only buffers, whole
+                self._commit_in_background(state, stored_only=bool(state.pending))
 
     async def _truncate(self, ino: int, new_size: int) -> None:
         if new_size < 0:
@@ -552,12 +659,25 @@ class FileSystem:
                 if not state.open_handles and not state.has_uncommitted:
                     self.states.pop(ino, None)
                 if self.inodes.closed(ino):
-                    self.releaser.release(ino)
+                    self._release(ino)
 
     # ---- reading ---------------------------------------------------------------------------
 
     async def read(self, fh: int, offset: int, length: int) -> bytes:
-        return await self.reader.read(self.handles.file(fh), offset, length)
+        state = self.handles.file(fh)
+        data = await self.reader.read(state, offset, length)
+        if self._atime_due(state.seen_attrs(state.attrs)):
+            state.accessed(time.time_ns())  # committed with the file, at its close
+        return data
+
+    def _atime_due(self, attrs: Attrs) -> bool:
+        """Whether a read updates the access time, as ext4 decides for the atime modes."""
+        if self.settings.atime == "strictatime":
+            return True
+        if self.settings.atime != "relatime":
+            return False
+        return (attrs.atime_ns <= max(attrs.mtime_ns, attrs.ctime_ns)
+                or time.time_ns() - attrs.atime_ns > RELATIME_AGE_NS)
 
     # ---- extended attributes ---------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from functools import partial
 import trio
 
 from dfsfs.core.settings import CoreSettings
-from dfsfs.errors import MetadataUnavailableError
+from dfsfs.errors import DfsfsError, MetadataUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,25 @@ class Offload:
         return await trio.to_thread.run_sync(partial(function, *args), limiter=self.chunk_limiter)
 
 
+MAX_RETRY_S = 30.0
+
+
 async def supervised(name: str, step: Callable[[], Awaitable[None]], retry_s: float = 1.0) -> None:
     """Run a background loop's `step` forever; an exception is logged and the loop goes
-    on after `retry_s`: no background task may end the mount."""
+    on after `retry_s`, doubling while it keeps failing: no background task may end the
+    mount. An expected failure (the database or a store away) is a warning; anything
+    else is a bug, logged with its traceback."""
+    delay = retry_s
     while True:
         try:
             await step()
+            delay = retry_s
+            continue
         except trio.Cancelled:
             raise
+        except DfsfsError as error:
+            log.warning("background task %s failed: %s; retrying in %g s", name, error, delay)
         except Exception:  # noqa: BLE001 - logged with its traceback, then retried
-            log.exception("background task %s failed; retrying in %g s", name, retry_s)
-            await trio.sleep(retry_s)
+            log.exception("background task %s failed; retrying in %g s", name, delay)
+        await trio.sleep(delay)
+        delay = min(delay * 2, MAX_RETRY_S)

@@ -126,37 +126,65 @@ class RemovalQueue(_SettledInBackground):
 
 
 class InodeReleaser(_SettledInBackground):
-    """Sends this mount's releases of inodes in batches (see the glossary)."""
+    """Sends this mount's releases of inodes in batches (see the glossary).
+
+    An inode whose last name went moments ago is released only after `grace_s`: another
+    mount's kernel may still resolve that name to it for as long as it keeps entries (the
+    entry timeout), and an open there must find it (the kernel looks a name up once more
+    after ESTALE, not again and again while a file is saved in a loop)."""
 
     def __init__(self, meta: MetadataStore, offload: Offload,
                  reclaim: Callable[[list[ReclaimableChunk]], None],
-                 purged: Callable[[list[int]], None]):
+                 purged: Callable[[list[int]], None], grace_s: float):
         super().__init__()
         self.meta = meta
         self.offload = offload
         self.reclaim = reclaim
         self.purged = purged
-        self._released: set[int] = set()
+        self.grace_s = grace_s
+        self._released: dict[int, float] = {}  # ino → not before (trio clock)
         self._sending = trio.Lock()
 
-    def release(self, ino: int) -> None:
-        self._released.add(ino)
+    def release(self, ino: int, name_gone_at: float | None = None) -> None:
+        not_before = 0.0 if name_gone_at is None else name_gone_at + self.grace_s
+        self._released[ino] = max(not_before, self._released.get(ino, 0.0))
         self._wanted.set()
 
-    async def settle(self) -> None:
+    async def _gather(self) -> None:
+        """Wait until the first release is due."""
+        if self._released:
+            await trio.sleep_until(min(self._released.values()))
+
+    async def settle(self, everything: bool = True) -> None:
+        """Send the releases (only those due, unless `everything`: unmount)."""
         async with self._sending:
-            while self._released:
+            while due := sorted(ino for ino, not_before in self._released.items()
+                                if everything or not_before <= trio.current_time()):
                 # Taken out before the call: an inode released again meanwhile (its last
                 # name went while this batch was under way) is sent again.
-                batch = sorted(self._released)[:RELEASE_BATCH]
-                self._released.difference_update(batch)
+                batch = due[:RELEASE_BATCH]
+                taken = {ino: self._released.pop(ino) for ino in batch}
                 try:
                     purged, freed = await self.offload.meta(self.meta.release_inodes, batch)
                 except BaseException:
-                    self._released.update(batch)
+                    for ino, not_before in taken.items():
+                        self._released.setdefault(ino, not_before)
                     raise
                 self.purged(purged)
                 self.reclaim(freed)
+        if self._released:
+            self._wanted.set()  # the later ones
+
+    async def run(self) -> None:
+        await self._wanted.wait()
+        self._wanted = trio.Event()
+        await self._gather()
+        try:
+            await self.settle(everything=False)
+        except DfsfsError as error:
+            log.warning("%s not done yet (retrying): %s", self.backlog(), error)
+            await trio.sleep(RETRY_S)
+            self._wanted.set()
 
     def backlog(self) -> str:
         return f"{len(self._released)} inode releases"

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 NAME_MAX = 255
+RELATIME_AGE_NS = 24 * 3600 * 10**9  # relatime: an atime older than this is updated too
 PATH_MAX = 4096
 XATTR_SIZE_MAX = 65536
 # The largest file (as ext4 with 4 KiB blocks): sizes and offsets stay far inside
@@ -18,13 +19,12 @@ class CoreSettings:
     readahead_chunks: int = 4
     commit_interval_s: float = 1.0  # a closed file is durable within this (mount option commit=)
     sync_close: bool = False  # mount option sync: close() returns once the file is durable
+    atime: str = "noatime"  # noatime | relatime | strictatime: when reading updates atime
     commit_batch_bytes: int = 32 << 20  # a streaming writer commits behind itself this often
     idle_commit_s: float = 5.0  # writes to a file left open are committed after this idle time
     statfs_cache_s: float = 2.0
     metadata_timeout_s: float = 8.0  # then EIO: a frozen database must not hang callers
     attr_cache_s: float = 1.0  # as long as the kernel's own attribute cache
     missing_xattr_cache_s: float = 1.0  # the kernel asks for security.capability before every write
-    session_ttl_s: float = 300.0  # a session not renewed for this long is over
-    session_renew_s: float = 60.0
     metadata_threads: int = 8
     chunk_threads: int = 8

@@ -39,15 +39,16 @@ class ChunkBuffer:
 
 
 class PendingChunk:
-    """A sealed chunk: being stored (hashed, reserved, put), or stored and waiting for the
-    commit that points the file at it."""
+    """A sealed chunk: being stored (hashed, put), or stored and waiting for the commit
+    that points the file at it."""
 
-    __slots__ = ("data", "ref", "chunk_id", "error", "done")
+    __slots__ = ("data", "ref", "chunk_id", "put_at", "error", "done")
 
     def __init__(self, data: bytes | bytearray):
         self.data = data
         self.ref: ChunkRef | None = None  # None once done without error: all zeros (a hole)
-        self.chunk_id: int | None = None  # the reserved chunk row (this mount holds a use of it)
+        self.chunk_id: int | None = None  # a chunk row this mount holds a use of (if secured)
+        self.put_at = 0.0  # when its put returned (trio clock)
         self.error: BaseException | None = None
         self.done = trio.Event()
 
@@ -80,6 +81,8 @@ class FileState:
         self.last_read_end = -1
         self.error: BaseException | None = None  # a background commit failure, reported later
         self.commit_scheduled = False
+        self.commit_again: bool | None = None  # another commit wanted after the one running
+                                               # (stored_only), or None
         self.charged_bytes = 0  # what this state holds, as charged to the write budget
 
     # ---- what is uncommitted --------------------------------------------------------------
@@ -112,6 +115,10 @@ class FileState:
         self.changed_attrs.update(changes)
         self.ctime_ns = now_ns
         self.write_seq += 1
+
+    def accessed(self, now_ns: int) -> None:
+        """A read the mount's atime mode says updates the access time (no ctime change)."""
+        self.changed_attrs["atime_ns"] = now_ns
 
     def uncommitted_changes(self) -> dict[str, int]:
         changes = dict(self.changed_attrs)

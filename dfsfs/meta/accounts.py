@@ -1,28 +1,28 @@
-"""Account metadata: users, their root directory, quotas and login throttling state.
+"""Accounts: create, find, change and remove them, through the server's functions.
 
-Used by administrator commands and login, through an admin engine
-(`create_engine(url, admin=True)`): creating or removing an account touches rows that
-row-level security would otherwise hide. Every call is one transaction.
+Every change goes through a SECURITY DEFINER function of migration 7, which checks on the
+server that the caller may make it: the owner's credentials, or an admin session of an
+administrator (some calls also accept the account's own session). So an AccountStore is
+only as powerful as the engine it is given. Every call is one transaction.
 """
 
 import os
-import stat
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError
 
-from dfsfs.errors import ExistsError, NotFoundError
+from dfsfs.errors import ExistsError, InvalidArgumentError, NotFoundError
 from dfsfs.meta.db import run_transaction, sqlstate
-from dfsfs.meta.schema import chunks, inodes, usage, users
 
-ROOT_MODE = stat.S_IFDIR | 0o755
-UNIQUE_VIOLATION = "23505"
+# The server functions' refusals (SQLSTATE 'DF' + errno).
+_REFUSALS = {"DF017": ExistsError, "DF002": NotFoundError, "DF022": InvalidArgumentError}
+_MESSAGES = {"DF017": "a user with that name already exists", "DF002": "no user with that name",
+             "DF022": "invalid user name or value"}
 
 
 class _Keep:
@@ -37,7 +37,6 @@ KEEP: Final = _Keep()  # set_quota: leave this quota as it is
 class User:
     id: int
     name: str
-    password_hash: str = field(repr=False)
     is_admin: bool
     root_ino: int | None
     quota_bytes: int | None  # None = unlimited
@@ -45,6 +44,8 @@ class User:
     failed_logins: int  # consecutive failures since the last successful login
     throttled_until: datetime | None  # no login attempt is checked before this instant
     created_at: datetime
+    last_fsck_at: datetime | None = None
+    unix_user: str | None = None  # Linux owner of its local chunk directories
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,24 @@ class Footprint:
     stored_bytes: int
 
 
-_USER_COLUMNS = [users.c[f.name] for f in User.__dataclass_fields__.values()]
+@dataclass(frozen=True)
+class SessionInfo:
+    """One session of an account, as `dfsfs user sessions` shows it."""
+
+    id: int
+    purpose: str
+    admin: bool
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+    end_reason: str | None
+
+    @property
+    def live(self) -> bool:
+        return self.ended_at is None
 
 
 def _user(row) -> User | None:
@@ -68,40 +86,38 @@ class AccountStore:
         self.engine = engine
 
     def _run(self, work: Callable[[Connection], object]):
-        return run_transaction(self.engine, work)
+        try:
+            return run_transaction(self.engine, work)
+        except DBAPIError as error:
+            code = sqlstate(error)
+            if code in _REFUSALS:
+                raise _REFUSALS[code](_MESSAGES[code]) from None
+            raise
+
+    def _call(self, sql: str, **params):
+        return self._run(lambda conn: conn.execute(sa.text(sql), params))
+
+    def _rows(self, sql: str, **params) -> list:
+        return self._run(lambda conn: conn.execute(sa.text(sql), params).all())
 
     # --- creating and finding accounts ---------------------------------------------------
 
-    def create_user(self, name: str, password_hash: str, is_admin: bool = False) -> int:
-        """Insert the account, its usage counters and its root directory; return its id."""
-
-        def work(conn: Connection) -> int:
-            user_id = conn.execute(
-                users.insert()
-                .values(name=name, password_hash=password_hash, is_admin=is_admin)
-                .returning(users.c.id)
-            ).scalar_one()
-            root_ino = _insert_root_directory(conn, user_id)
-            conn.execute(users.update().where(users.c.id == user_id).values(root_ino=root_ino))
-            conn.execute(usage.insert().values(user_id=user_id, directories=1))
-            return user_id
-
-        try:
-            return self._run(work)
-        except IntegrityError as error:
-            if sqlstate(error) == UNIQUE_VIOLATION:
-                raise ExistsError("a user with that name already exists") from None
-            raise
+    def create_user(self, name: str, verifier, is_admin: bool = False, *,
+                    uid: int | None = None, gid: int | None = None,
+                    unix_user: str | None = None) -> int:
+        """Insert the account with its verifier (auth.make_verifier), usage counters and
+        an empty root directory owned by uid:gid (default: this process's); return its id."""
+        uid = os.getuid() if uid is None else uid
+        gid = os.getgid() if gid is None else gid
+        return self._run(lambda conn: conn.execute(
+            sa.text("SELECT account FROM dfsfs_create_account(:name, :admin, :uid, :gid, :unix_user,"
+                    " :kdf, :salt, :time_cost, :memory_cost, :parallelism, :key_length,"
+                    " :stored_key)"),
+            {"name": name, "admin": is_admin, "uid": uid, "gid": gid, "unix_user": unix_user,
+             **verifier.sql_parameters()}).scalar_one())
 
     def get_user(self, name: str) -> User | None:
-        return self._find_one(users.c.name == name)
-
-    def get_user_by_id(self, user_id: int) -> User | None:
-        return self._find_one(users.c.id == user_id)
-
-    def _find_one(self, condition) -> User | None:
-        query = sa.select(*_USER_COLUMNS).where(condition)
-        return self._run(lambda conn: _user(conn.execute(query).first()))
+        return _user(next(iter(self._rows("SELECT * FROM dfsfs_accounts(:name)", name=name)), None))
 
     def require_user(self, name: str) -> User:
         user = self.get_user(name)
@@ -110,141 +126,68 @@ class AccountStore:
         return user
 
     def list_users(self) -> list[User]:
-        return self._run(
-            lambda conn: [
-                _user(row)
-                for row in conn.execute(sa.select(*_USER_COLUMNS).order_by(users.c.name))
-            ]
-        )
+        return [_user(row) for row in self._rows("SELECT * FROM dfsfs_accounts()")]
 
     # --- changing accounts ---------------------------------------------------------------
 
-    def set_password_hash(self, user_id: int, password_hash: str) -> None:
-        """Store a new hash; a new password also ends any login throttling."""
-        self._update(
-            user_id, password_hash=password_hash, failed_logins=0, throttled_until=None
-        )
+    def set_verifier(self, name: str, verifier) -> int:
+        """A new password (its verifier); also ends login throttling. Returns the id."""
+        return self._run(lambda conn: conn.execute(
+            sa.text("SELECT dfsfs_set_verifier(:name, :kdf, :salt, :time_cost, :memory_cost,"
+                    " :parallelism, :key_length, :stored_key)"),
+            {"name": name, **verifier.sql_parameters()}).scalar_one())
 
     def set_quota(self, name: str, quota_bytes=KEEP, quota_inodes=KEEP) -> User:
         """Set either quota (None = unlimited, KEEP = unchanged); return the updated user."""
-        changes = {
-            column: value
-            for column, value in (("quota_bytes", quota_bytes), ("quota_inodes", quota_inodes))
-            if value is not KEEP
-        }
-        if not changes:
-            return self.require_user(name)
+        if quota_bytes is not KEEP or quota_inodes is not KEEP:
+            self._call("SELECT dfsfs_set_quota(:name, :set_bytes, :bytes, :set_inodes, :inodes)",
+                       name=name, set_bytes=quota_bytes is not KEEP,
+                       bytes=None if quota_bytes is KEEP else quota_bytes,
+                       set_inodes=quota_inodes is not KEEP,
+                       inodes=None if quota_inodes is KEEP else quota_inodes)
+        return self.require_user(name)
 
-        def work(conn: Connection) -> User:
-            row = conn.execute(
-                sa.update(users)
-                .where(users.c.name == name)
-                .values(**changes)
-                .returning(*_USER_COLUMNS)
-            ).first()
-            if row is None:
-                raise NotFoundError("no user with that name")
-            return _user(row)
+    def set_stores(self, name: str, primary_url: str | None, backup_url: str | None) -> int:
+        """The account's own chunk stores, handed to its daemons at login (None: the
+        configured ones)."""
+        return self._run(lambda conn: conn.execute(
+            sa.text("SELECT dfsfs_set_account_stores(:name, :primary, :backup)"),
+            {"name": name, "primary": primary_url, "backup": backup_url}).scalar_one())
 
-        return self._run(work)
+    def stores(self, name: str) -> tuple[str | None, str | None]:
+        row = self._rows("SELECT * FROM dfsfs_account_stores(:name)", name=name)[0]
+        return row.primary_store, row.backup_store
 
     def remove_user(self, name: str) -> int:
         """Delete the account; ON DELETE CASCADE removes its files, chunks rows and usage.
 
         The chunk files in the stores are the caller's to delete, after this commit
         (reference before delete)."""
+        return self._run(lambda conn: conn.execute(
+            sa.text("SELECT dfsfs_remove_account(:name)"), {"name": name}).scalar_one())
 
-        def work(conn: Connection) -> int:
-            user_id = conn.execute(
-                users.delete().where(users.c.name == name).returning(users.c.id)
-            ).scalar()
-            if user_id is None:
-                raise NotFoundError("no user with that name")
-            return user_id
+    # --- sessions ------------------------------------------------------------------------
 
-        return self._run(work)
+    def sessions(self, name: str) -> list[SessionInfo]:
+        return [SessionInfo(**row._mapping)
+                for row in self._rows("SELECT * FROM dfsfs_list_sessions(:name)", name=name)]
+
+    def revoke_sessions(self, name: str, session_id: int | None = None) -> int:
+        """End one live session of the account, or all (None); return how many ended."""
+        return self._run(lambda conn: conn.execute(
+            sa.text("SELECT dfsfs_revoke_sessions(:name, :session)"),
+            {"name": name, "session": session_id}).scalar_one())
+
+    # --- what an account holds (rows visible to the engine: the owner's or an admin's) ---
 
     def chunk_digests(self, user_id: int) -> list[bytes]:
         """SHA-256 digests of every chunk the account references (to delete their files)."""
-        return self._run(
-            lambda conn: [
-                bytes(digest)
-                for digest in conn.execute(
-                    sa.select(chunks.c.sha256).where(chunks.c.user_id == user_id)
-                ).scalars()
-            ]
-        )
+        return [bytes(digest) for (digest,) in self._rows(
+            "SELECT sha256 FROM chunks WHERE user_id = :account", account=user_id)]
 
     def footprint(self, user_id: int) -> Footprint:
-        def work(conn: Connection) -> Footprint:
-            inode_count = conn.execute(
-                sa.select(sa.func.count()).select_from(inodes).where(inodes.c.user_id == user_id)
-            ).scalar_one()
-            chunk_count, stored = conn.execute(
-                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(chunks.c.size), 0))
-                .where(chunks.c.user_id == user_id)
-            ).one()
-            return Footprint(inodes=inode_count, chunks=chunk_count, stored_bytes=int(stored))
-
-        return self._run(work)
-
-    # --- login throttling state ----------------------------------------------------------
-
-    def claim_login_attempt(
-        self, user_id: int | None, now: datetime, delay_s: Callable[[int], float]
-    ) -> float:
-        """Count a login attempt as failed before its password is checked, atomically.
-
-        Returns the seconds the account is still locked (the attempt is refused), else 0
-        (the attempt is counted and may go on; a success resets the count). Claiming
-        first means parallel guesses cannot all slip in before the lock is set. `user_id`
-        None runs the same statements matching no row.
-        """
-
-        def work(conn: Connection) -> float:
-            row = conn.execute(
-                sa.select(users.c.failed_logins, users.c.throttled_until)
-                .where(users.c.id == (-1 if user_id is None else user_id))
-                .with_for_update()
-            ).first()
-            if row is None:
-                return 0
-            failures, throttled_until = row
-            if throttled_until is not None and throttled_until > now:
-                return (throttled_until - now).total_seconds()
-            delay = delay_s(failures + 1)
-            conn.execute(
-                sa.update(users)
-                .where(users.c.id == user_id)
-                .values(
-                    failed_logins=failures + 1,
-                    throttled_until=now + timedelta(seconds=delay) if delay > 0 else None,
-                )
-            )
-            return 0
-
-        return self._run(work)
-
-    def record_successful_login(self, user_id: int) -> None:
-        self._update(user_id, failed_logins=0, throttled_until=None)
-
-    def _update(self, user_id: int, **values) -> None:
-        def work(conn: Connection) -> None:
-            result = conn.execute(sa.update(users).where(users.c.id == user_id).values(**values))
-            if result.rowcount == 0:
-                raise NotFoundError(f"no user with id {user_id}")
-
-        self._run(work)
-
-
-def _insert_root_directory(conn: Connection, user_id: int) -> int:
-    # Owned by whoever creates the account; the mount maps ownership as it sees fit.
-    now_ns = time.time_ns()
-    return conn.execute(
-        inodes.insert()
-        .values(
-            user_id=user_id, mode=ROOT_MODE, uid=os.getuid(), gid=os.getgid(), nlink=2,
-            atime_ns=now_ns, mtime_ns=now_ns, ctime_ns=now_ns,
-        )
-        .returning(inodes.c.id)
-    ).scalar_one()
+        row = self._rows(
+            "SELECT (SELECT count(*) FROM inodes WHERE user_id = :account) AS inodes,"
+            " count(*) AS chunks, coalesce(sum(size), 0) AS stored"
+            " FROM chunks WHERE user_id = :account", account=user_id)[0]
+        return Footprint(inodes=row.inodes, chunks=row.chunks, stored_bytes=int(row.stored))

@@ -1,7 +1,10 @@
 """Database engine and the one transaction runner every metadata call goes through."""
 
 import logging
+import re
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -10,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from dfsfs.errors import MetadataUnavailableError
+from dfsfs.errors import DfsfsError, MetadataUnavailableError, PermissionDeniedError
 
 log = logging.getLogger(__name__)
 
@@ -20,59 +23,98 @@ T = TypeVar("T")
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
 MAX_ATTEMPTS = 8
 CONNECT_TIMEOUT_S = 3
+# The session of a connection has ended (revoked, logged out, unknown token) or expired
+# without a heartbeat (migration 7): no statement can succeed under it any more.
+SESSION_ENDED_SQLSTATES = frozenset({"DF128", "DF127"})
+NOT_ADMIN_SQLSTATE = "DF001"
+_TOKEN = re.compile(r"[0-9a-f]{16,128}")
+# Settings every dfsfs connection pins in its startup packet, where they win over role
+# defaults: every role may `ALTER ROLE itself SET …`, and the daemons of all accounts
+# share the client role, so one account could otherwise make every other account's
+# commits non-durable, its connections read-only or its names unresolvable.
+PINNED_SETTINGS = (
+    ("search_path", "public"),
+    ("default_transaction_read_only", "off"),
+    ("default_transaction_isolation", "read committed"),
+    ("default_transaction_deferrable", "off"),
+    ("statement_timeout", "0"),
+    ("lock_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+    ("idle_session_timeout", "0"),
+    ("row_security", "on"),
+    ("bytea_output", "hex"),
+    ("standard_conforming_strings", "on"),
+    ("DateStyle", "ISO"),
+    ("TimeZone", "UTC"),
+    ("enable_indexscan", "on"),
+    ("enable_indexonlyscan", "on"),
+    ("enable_bitmapscan", "on"),
+    ("enable_nestloop", "on"),
+)
+_session_ended: "weakref.WeakKeyDictionary[Engine, threading.Event]" = weakref.WeakKeyDictionary()
+
+
+class SessionEndedError(DfsfsError):
+    """The login session this engine acts under was ended or has expired; a daemon unmounts."""
+
+
+class NotAdministratorError(PermissionDeniedError):
+    """The server refused: this needs an administrator's login or the owner's credentials."""
 
 
 def create_engine(
     url: str,
     *,
-    user_id: int | None = None,
-    admin: bool = False,
+    session_token: str | None = None,
+    password: str | None = None,
     pool_size: int = 8,
     relaxed_commits: bool = False,
 ) -> Engine:
     """An engine that fails fast when PostgreSQL is down instead of hanging.
 
-    `user_id` is handed to PostgreSQL as `dfsfs.user_id` on every connection: the
-    row-level security policies scope every user-owned table by it, so a query that
-    forgets its user filter still sees only that user's rows. `admin` lifts the scoping
-    for administrator commands (fsck, user removal, stats --all). With `relaxed_commits`,
-    transactions commit without waiting for the WAL flush unless they ask for it
-    (MetadataStore makes fsync, close and every data commit durable).
+    The role is the URL's: the owner's for `dfsfs init` and administration, the client
+    role for daemons and account commands. `session_token` (from a login) is handed to
+    PostgreSQL in every connection's startup packet as the setting `dfsfs.session`, never
+    in query text: row-level security derives the account from it on the server, and a
+    statement under an ended or expired session fails (SessionEndedError). `password`
+    goes to libpq apart from the URL (which may be shown in messages). With
+    `relaxed_commits`, transactions commit without waiting for the WAL flush unless they
+    ask for it (MetadataStore makes fsync, close and every data commit durable).
     """
+    if session_token is not None and not _TOKEN.fullmatch(session_token):
+        raise ValueError("a session token is hexadecimal")
+    pinned = {**dict(PINNED_SETTINGS), "synchronous_commit": "off" if relaxed_commits else "on",
+              "dfsfs.session": session_token or ""}
+    options = ["-c " + name + "=" + value.replace(" ", "\\ ") for name, value in pinned.items()]
+    connect_args = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        # A dead server must not hang a file-system call: keepalives notice it.
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 2,
+        "application_name": "dfsfs",
+        "options": " ".join(options),
+    }
+    if password is not None:
+        connect_args["password"] = password
     engine = sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_timeout=10,
         pool_recycle=3600,
-        connect_args={
-            "connect_timeout": CONNECT_TIMEOUT_S,
-            # A dead server must not hang a file-system call: keepalives notice it.
-            "keepalives": 1,
-            "keepalives_idle": 5,
-            "keepalives_interval": 2,
-            "keepalives_count": 2,
-            "application_name": "dfsfs",
-        },
+        connect_args=connect_args,
     )
-    scope = {
-        "uid": "" if user_id is None else str(user_id),
-        "adm": "on" if admin else "off",
-        "sync": "off" if relaxed_commits else "on",
-    }
-
-    @sa.event.listens_for(engine, "connect")
-    def _set_scope(dbapi_conn, _record):
-        with dbapi_conn.cursor() as cursor:
-            cursor.execute(
-                "SELECT set_config('dfsfs.user_id', %(uid)s, false),"
-                " set_config('dfsfs.admin', %(adm)s, false),"
-                " set_config('synchronous_commit', %(sync)s, false)",
-                scope,
-            )
-        dbapi_conn.commit()
-
+    if session_token is not None:
+        _session_ended[engine] = threading.Event()
     return engine
+
+
+def session_ended_event(engine: Engine) -> threading.Event | None:
+    """Set once a statement of `engine` found its session ended or expired (None for an
+    engine without a session): the daemon waits on it to unmount at once."""
+    return _session_ended.get(engine)
 
 
 def sqlstate(error: DBAPIError) -> str | None:
@@ -86,7 +128,7 @@ def run_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
         with engine.begin() as conn:
             return work(conn)
 
-    return _with_retries(attempt)
+    return _with_retries(engine, attempt)
 
 
 class Statements:
@@ -152,7 +194,7 @@ def run_statements(engine: Engine, work: Callable[[Statements], T], *,
                 dbapi_connection.autocommit = False
             pooled.close()
 
-    return _with_retries(attempt)
+    return _with_retries(engine, attempt)
 
 
 def _checkout(engine: Engine):
@@ -176,7 +218,7 @@ def _is_disconnect(error: psycopg2.Error) -> bool:
         error, (psycopg2.OperationalError, psycopg2.InterfaceError))
 
 
-def _with_retries(attempt: Callable[[], T]) -> T:
+def _with_retries(engine: Engine, attempt: Callable[[], T]) -> T:
     for number in range(1, MAX_ATTEMPTS + 1):
         try:
             return attempt()
@@ -191,8 +233,21 @@ def _with_retries(attempt: Callable[[], T]) -> T:
                 raise MetadataUnavailableError(
                     f"metadata database unavailable: {_first_line(error.orig)}"
                 ) from error
-            raise
+            raise refusal(engine, error) or error
     raise AssertionError("unreachable")
+
+
+def refusal(engine: Engine | None, error: DBAPIError) -> DfsfsError | None:
+    """The domain error of a trust refusal of the server (see migration 7), or None."""
+    code = sqlstate(error)
+    if code in SESSION_ENDED_SQLSTATES:
+        event = _session_ended.get(engine) if engine is not None else None
+        if event is not None:
+            event.set()
+        return SessionEndedError(_first_line(error.orig))
+    if code == NOT_ADMIN_SQLSTATE:
+        return NotAdministratorError(_first_line(error.orig))
+    return None
 
 
 def _first_line(error: BaseException | None) -> str:

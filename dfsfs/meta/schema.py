@@ -37,7 +37,6 @@ users = Table(
     metadata,
     Column("id", BigInteger, primary_key=True),
     Column("name", Text, nullable=False, unique=True),  # login name, validated by auth
-    Column("password_hash", Text, nullable=False),  # argon2id encoded hash
     Column("is_admin", Boolean, nullable=False, server_default="false"),
     Column("root_ino", BigInteger),  # the namespace's root directory (inodes.id)
     Column("quota_bytes", BigInteger),  # logical bytes allowed; NULL = unlimited
@@ -46,7 +45,11 @@ users = Table(
     Column("throttled_until", DateTime(timezone=True)),  # no login attempt before this
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("last_fsck_at", DateTime(timezone=True)),  # end of the last fsck covering this user
+    Column("unix_user", Text),  # Linux login owning its local chunk directories (migration 7)
 )
+# Migration 7 keeps login verifiers (salt, argon2 parameters, SHA-256 of the client key),
+# login nonces, the throttling state of unknown names, per-account stores and the trust
+# settings in tables of their own that only the owner role reads (see 0007_trust.sql).
 
 # Usage counters, kept incrementally by the metadata store in the same transaction
 # as the change they count (fsck verifies and corrects them).

@@ -18,10 +18,12 @@ import stat as stat_module
 import threading
 from collections.abc import Callable, Iterable
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from dfsfs.errors import (
+    BusyError,
     DfsfsError,
     ExistsError,
     InvalidArgumentError,
@@ -60,7 +62,7 @@ _REFUSALS = {
     f"DF{error.errno:03d}": error
     for error in (NotFoundError, ExistsError, NotDirectoryError, IsDirectoryError,
                   NotEmptyError, QuotaExceededError, StaleError, InvalidArgumentError,
-                  PermissionDeniedError)
+                  PermissionDeniedError, BusyError)
 }
 _NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
@@ -162,7 +164,21 @@ class MetadataStore:
         self.account_id = account_id
         self.session_id = session_id
         self.durability = DurabilityTracker()
+        self._name_connections(engine, session_id)
         self.root_ino = self._read(self._root_ino)
+
+    @staticmethod
+    def _name_connections(engine: Engine, session_id: int) -> None:
+        """Every connection says which session it works for: the change feed's payloads
+        carry it, so a mount can skip its own changes."""
+
+        @sa.event.listens_for(engine, "connect")
+        def _set_session(dbapi_connection, _record):
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT set_config('dfsfs.session_id', %s, false)", (str(session_id),))
+            dbapi_connection.commit()
+
+        engine.dispose()  # connections made before this one was registered
 
     # ---- running statements ----------------------------------------------------------------
 
@@ -223,11 +239,11 @@ class MetadataStore:
         if self.durability.behind:
             self.settle([])
 
-    def settle(self, chunk_ids: list[int]) -> int:
-        """A sync point: these chunks' bytes are durable in the stores now. Committed
+    def settle(self, digests: list[bytes]) -> int:
+        """A sync point: the bytes of these chunks are durable in the stores now. Committed
         durably, so every earlier commit of this mount is durable with it."""
         rows = self._call_durably(
-            "SELECT dfsfs_settle(:account, :session, CAST(:ids AS bigint[]))", ids=chunk_ids)
+            "SELECT dfsfs_settle(:account, :session, CAST(:digests AS bytea[]))", digests=digests)
         return rows[0][0]
 
     # ---- reading ----------------------------------------------------------------
@@ -380,18 +396,21 @@ class MetadataStore:
         return list(row[0]), _chunks(row[1], row[2])
 
     def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
-               new_name: bytes, flags: int, now_ns: int) -> Attrs | None:
+               new_name: bytes, flags: int, now_ns: int) -> tuple[Attrs, Attrs | None]:
         """Rename atomically, serialised with every mount's renames on the server (see
-        dfsfs_rename, migration 9); returns the attributes after of the inode that had the
-        new name: replaced, it lost that name (see `unlink_each`); exchanged, it has the
-        old one. None if no inode had it."""
+        dfsfs_rename, migration 9). Returns the attributes after of the renamed inode, and
+        of the inode that had the new name: replaced, it lost that name (see
+        `unlink_each`); exchanged, it has the old one; None if no inode had it."""
         row, = self._call(
-            f"SELECT r.replaced IS NULL, {NODE_COLUMNS} FROM dfsfs_rename(:account, :session,"
+            f"SELECT r.replaced IS NULL, {NODE_COLUMNS.replace('node.', 'moved.')},"
+            f" {NODE_COLUMNS} FROM dfsfs_rename(:account, :session,"
             " :old_parent, :old_name, :new_parent, :new_name, :flags, :now) AS r,"
-            " LATERAL (SELECT (r.replaced).*) node",
+            " LATERAL (SELECT (r.moved).*) moved, LATERAL (SELECT (r.replaced).*) node",
             old_parent=old_parent_ino, old_name=old_name, new_parent=new_parent_ino,
             new_name=new_name, flags=flags, now=now_ns)
-        return None if row[0] else _attrs(row[1:])
+        width = (len(row) - 1) // 2
+        moved = _attrs(row[1:1 + width])
+        return moved, None if row[0] else _attrs(row[1 + width:])
 
     def _touch_inode(self, conn: Statements, ino: int, now_ns: int) -> None:
         """Its status changed (name, xattrs): a new ctime."""
@@ -440,12 +459,13 @@ class MetadataStore:
                      ) -> tuple[list[DfsfsError | None], list[ReclaimableChunk]]:
         """Commit files in one call, in order (see dfsfs_commit_files): each one's error
         or None, and the chunks left without references."""
-        chunk_file, indices, chunk_ids = [], [], []
+        chunk_file, indices, digests, sizes = [], [], [], []
         for number, commit in enumerate(commits, start=1):
-            for index, chunk_id in sorted(commit.chunks.items()):
+            for index, ref in sorted(commit.chunks.items()):
                 chunk_file.append(number)
                 indices.append(index)
-                chunk_ids.append(chunk_id)
+                digests.append(None if ref is None else ref.digest)
+                sizes.append(None if ref is None else ref.size)
         changes = [commit.changes or {} for commit in commits]
         unknown = {name for change in changes for name in change} - set(COMMITTED_ATTRIBUTES)
         if unknown:
@@ -456,13 +476,13 @@ class MetadataStore:
             " CAST(:mtimes AS bigint[]), CAST(:ctimes AS bigint[]), CAST(:atimes AS bigint[]),"
             " CAST(:modes AS integer[]), CAST(:uids AS integer[]), CAST(:gids AS integer[]),"
             " CAST(:chunk_file AS integer[]), CAST(:indices AS bigint[]),"
-            " CAST(:chunk_ids AS bigint[])) AS r",
+            " CAST(:digests AS bytea[]), CAST(:chunk_sizes AS integer[])) AS r",
             inos=[c.ino for c in commits], sizes=[c.size for c in commits],
             drop_from=[c.drop_from_index for c in commits],
             mtimes=[c.get("mtime_ns") for c in changes], ctimes=[c.get("ctime_ns") for c in changes],
             atimes=[c.get("atime_ns") for c in changes], modes=[c.get("mode") for c in changes],
             uids=[c.get("uid") for c in changes], gids=[c.get("gid") for c in changes],
-            chunk_file=chunk_file, indices=indices, chunk_ids=chunk_ids,
+            chunk_file=chunk_file, indices=indices, digests=digests, chunk_sizes=sizes,
         )
         return [None if code is None else refusal(code) for code in row[0]], _chunks(row[1], row[2])
 
@@ -477,11 +497,11 @@ class MetadataStore:
             " CAST(:ids AS bigint[])) AS r", ids=sorted(set(chunk_ids)))
         return [ReclaimableChunk(chunk_id, bytes(digest)) for chunk_id, digest in rows]
 
-    def claim_orphan(self, digest: bytes) -> list[ReclaimableChunk]:
-        """fsck: claim bytes no chunk row names for deletion (see dfsfs_claim_orphan)."""
+    def claim_orphans(self, digests: list[bytes]) -> list[ReclaimableChunk]:
+        """Claim bytes no chunk row names for deletion (see dfsfs_claim_orphans)."""
         rows = self._call_durably(
-            "SELECT r.chunk_id, r.digest FROM dfsfs_claim_orphan(:account, :session, :digest) AS r",
-            digest=digest)
+            "SELECT r.chunk_id, r.digest FROM dfsfs_claim_orphans(:account, :session,"
+            " CAST(:digests AS bytea[])) AS r", digests=sorted(set(digests)))
         return [ReclaimableChunk(chunk_id, bytes(found)) for chunk_id, found in rows]
 
     def finish_reclaim(self, chunk_ids: list[int]) -> int:
@@ -525,11 +545,6 @@ class MetadataStore:
         rows = self._call("SELECT dfsfs_end_sessions(:account, CAST(:ids AS bigint[]), :reason)",
                           ids=session_ids, reason=reason)
         return rows[0][0]
-
-    def renew_session(self, ttl_s: float) -> None:
-        self._call("UPDATE sessions SET heartbeat_at = now(),"
-                   " expires_at = now() + make_interval(secs => :ttl)"
-                   " WHERE id = :session AND user_id = :account AND ended_at IS NULL", ttl=ttl_s)
 
     # ---- extended attributes -------------------------------------------------------
 
@@ -624,17 +639,24 @@ class MetadataStore:
         self._run(work)
 
 
-def open_session(engine: Engine, account_id: int, host: str, pid: int, boot_id: str | None,
-                 process_start: int | None, ttl_s: float) -> int:
-    """A new session of the account (a mount), alive for `ttl_s` unless renewed."""
+def open_session(engine: Engine, account_id: int, purpose: str, host: str, pid: int,
+                 boot_id: str | None, process_start: int | None, expiry_s: int) -> int:
+    """A session of the account that holds and claims chunks in the name of this process
+    (see dfsfs_open_session): alive for `expiry_s` unless ended first."""
 
     def work(conn: Statements) -> int:
         return conn.execute(
-            "INSERT INTO sessions (user_id, host, pid, boot_id, process_start, expires_at)"
-            " VALUES (%(account)s, %(host)s, %(pid)s, %(boot)s, %(start)s,"
-            " now() + make_interval(secs => %(ttl)s)) RETURNING id",
-            {"account": account_id, "host": host, "pid": pid, "boot": boot_id,
-             "start": process_start, "ttl": ttl_s},
+            "SELECT dfsfs_open_session(%(account)s, %(purpose)s, %(host)s, %(pid)s, %(boot)s,"
+            " %(start)s, %(expiry)s)",
+            {"account": account_id, "purpose": purpose, "host": host, "pid": pid,
+             "boot": boot_id, "start": process_start, "expiry": expiry_s},
         ).fetchone()[0]
 
     return run_statements(engine, work, transaction=False)
+
+
+def describe_session(engine: Engine, pid: int, boot_id: str | None, process_start: int | None) -> None:
+    """Name this process as the one serving the login session of `engine`."""
+    run_statements(engine, lambda conn: conn.execute(
+        "SELECT dfsfs_describe_session(%(pid)s, %(boot)s, %(start)s)",
+        {"pid": pid, "boot": boot_id, "start": process_start}), transaction=False)

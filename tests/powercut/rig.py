@@ -196,7 +196,7 @@ class Rig:
         self.pg.start()
         try:
             self.pg.ensure_database(DATABASE)
-            engine = create_engine(self.database_url, admin=True)
+            engine = create_engine(self.database_url)
             migrate(engine)
             engine.dispose()
             primary, backup = self.stores

@@ -1,13 +1,15 @@
 -- Migration 8: the write path as ARCHITECTURE's "Durability" section decides it.
 --
--- A mount stores a chunk in three steps, none of them holding a transaction open while
--- chunk bytes move: (1) dfsfs_reserve_chunks takes a hold on the chunk row (creating it
--- if new) and says whether the bytes must be put; (2) the mount puts them; (3)
--- dfsfs_commit_files turns holds into file references. A hold abandoned before its commit
--- (the chunk was overwritten again) is dropped at once, so a chunk stored but never
--- committed is released at once (invariant 5). A chunk's bytes are deleted only after
--- dfsfs_claim_reclaim has marked its row (refcount 0, no hold) durably as being deleted;
--- a reservation meeting such a row waits for the deletion to finish (invariant 2).
+-- A mount puts a chunk's bytes first, with no metadata call and no transaction open, then
+-- dfsfs_commit_files points the file at it, creating the chunk's row if it is new
+-- (dfsfs_take_chunk). A chunk's bytes are deleted only after dfsfs_claim_reclaim (or
+-- dfsfs_claim_orphans) has marked its row durably as being deleted (refcount 0) and left a
+-- tombstone; a commit that meets such a row, or a tombstone of the last hour for a new
+-- row, is refused: the deletion may have removed the bytes after the mount's put. The
+-- mount then secures the chunk: dfsfs_reserve_chunks takes a hold (waiting while the
+-- deletion is under way) and says whether to put the bytes again, and the commit turns
+-- the hold into a reference (invariant 2). Bytes put and never committed (overwritten
+-- first) are claimed and deleted at once (invariant 5).
 --
 -- Bytes put by a mount are not durable until the mount's next sync point (the commit
 -- interval, fsync, unmount): until then the chunk row says `settled = false` and names
@@ -41,36 +43,49 @@ UPDATE inodes i SET stored_bytes = t.bytes
  WHERE i.id = t.ino;
 CREATE INDEX chunks_deleting ON chunks (user_id) WHERE deleting_by IS NOT NULL;
 
+-- Holds and tombstones are rows of one account that name rows of the same account only
+-- (keys with user_id, as migration 7's): a foreign-key check bypasses row-level security.
+ALTER TABLE sessions ADD CONSTRAINT sessions_id_account UNIQUE (id, user_id);
+
 -- Chunks a session reserved and has not committed yet; each counts in chunks.refcount.
 CREATE TABLE chunk_holds (
-    session_id bigint NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
-    chunk_id bigint NOT NULL REFERENCES chunks(id),
+    session_id bigint NOT NULL,
+    chunk_id bigint NOT NULL,
     user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     uses integer NOT NULL CHECK (uses >= 0),  -- file chunks it may still point at (0: going)
-    PRIMARY KEY (session_id, chunk_id)
+    PRIMARY KEY (session_id, chunk_id),
+    FOREIGN KEY (session_id, user_id) REFERENCES sessions (id, user_id) ON DELETE CASCADE,
+    FOREIGN KEY (chunk_id, user_id) REFERENCES chunks (id, user_id)
 );
 CREATE INDEX chunk_holds_chunk ON chunk_holds (chunk_id);
+
+-- Chunks whose bytes were claimed for deletion lately. A commit that names a chunk with no
+-- row takes the mount's own put of it on trust only if no deletion of it was claimed in
+-- the last hour (mounts commit a put within minutes): otherwise the deletion may have
+-- removed those bytes after the put, and the mount stores them again under a hold.
+CREATE TABLE chunk_tombstones (
+    user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    sha256 bytea NOT NULL,
+    claimed_at timestamp with time zone NOT NULL DEFAULT now(),
+    PRIMARY KEY (user_id, sha256)
+);
+CREATE INDEX chunk_tombstones_age ON chunk_tombstones (user_id, claimed_at);
 
 -- Inodes a session holds: open in that mount, or still referenced by its kernel. An
 -- inode without names is purged only when no live session holds it.
 CREATE TABLE inode_holds (
-    ino bigint NOT NULL REFERENCES inodes(id) ON DELETE CASCADE,
-    session_id bigint NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+    ino bigint NOT NULL,
+    session_id bigint NOT NULL,
     user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    PRIMARY KEY (ino, session_id)
+    PRIMARY KEY (ino, session_id),
+    FOREIGN KEY (ino, user_id) REFERENCES inodes (id, user_id) ON DELETE CASCADE,
+    FOREIGN KEY (session_id, user_id) REFERENCES sessions (id, user_id) ON DELETE CASCADE
 );
 CREATE INDEX inode_holds_session ON inode_holds (session_id);
 
-ALTER TABLE chunk_holds ENABLE ROW LEVEL SECURITY;
-ALTER TABLE chunk_holds FORCE ROW LEVEL SECURITY;
-CREATE POLICY chunk_holds_by_user ON chunk_holds
-    USING (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()))
-    WITH CHECK (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()));
-ALTER TABLE inode_holds ENABLE ROW LEVEL SECURITY;
-ALTER TABLE inode_holds FORCE ROW LEVEL SECURITY;
-CREATE POLICY inode_holds_by_user ON inode_holds
-    USING (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()))
-    WITH CHECK (dfsfs_sees_all() OR user_id = (SELECT dfsfs_current_account()));
+SELECT dfsfs_scope_table('chunk_holds');
+SELECT dfsfs_scope_table('inode_holds');
+SELECT dfsfs_scope_table('chunk_tombstones');
 
 -- ---- the functions of migration 4 this replaces ------------------------------------------
 
@@ -90,6 +105,90 @@ LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT 1 FROM sessions
                     WHERE id = p_session AND ended_at IS NULL AND expires_at > now())
 $$;
+
+-- Which process on which boot of its host runs the session: a later mount on the same
+-- machine tells from these that the session's daemon is gone, without waiting for expiry.
+ALTER TABLE sessions
+    ADD COLUMN boot_id text,  -- /proc/sys/kernel/random/boot_id when the session started
+    ADD COLUMN process_start bigint;  -- the process's start time (clock ticks since boot)
+DO $do$
+BEGIN
+    EXECUTE format('GRANT SELECT (boot_id, process_start) ON sessions TO %I',
+                   (SELECT client_role FROM trust_settings));
+END $do$;
+
+-- The client role may not write `sessions` (migration 7): the functions below do what the
+-- write path needs, as the owner, for an account the caller acts for.
+
+CREATE FUNCTION dfsfs_require_account(p_account bigint) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER AS $$
+-- Raises DF001 unless the caller acts for p_account: a session of that account, an
+-- admin session, or a connection of the owner role.
+BEGIN
+    IF pg_catalog.pg_has_role(session_user, (SELECT owner_role FROM trust_settings), 'MEMBER')
+       OR p_account = dfsfs_current_account() OR dfsfs_session_is_admin() THEN
+        RETURN;
+    END IF;
+    RAISE EXCEPTION 'this session does not act for account %', p_account USING ERRCODE = 'DF001';
+END $$;
+
+CREATE FUNCTION dfsfs_describe_session(p_pid integer, p_boot_id text, p_process_start bigint)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+-- The daemon serving the connection's session names its process (the login ran in the
+-- `dfsfs mount` command, whose process may not be the daemon's).
+BEGIN
+    UPDATE sessions SET pid = p_pid, boot_id = p_boot_id, process_start = p_process_start
+     WHERE id = dfsfs_current_session() AND ended_at IS NULL;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no dfsfs session on this connection' USING ERRCODE = 'DF128';
+    END IF;
+END $$;
+
+CREATE FUNCTION dfsfs_open_session(p_account bigint, p_purpose text, p_host text, p_pid integer,
+                                   p_boot_id text, p_process_start bigint, p_expiry_s integer)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+-- A session that holds and claims chunks of p_account in the name of a process (fsck,
+-- which may act for several accounts under one login): no token, so no connection can
+-- present it; it ends with dfsfs_end_sessions or when it expires.
+DECLARE
+    opened bigint;
+BEGIN
+    PERFORM dfsfs_require_account(p_account);
+    INSERT INTO sessions (user_id, host, pid, boot_id, process_start, expires_at, purpose, expiry_s)
+    VALUES (p_account, left(coalesce(p_host, ''), 255), coalesce(p_pid, 0), p_boot_id,
+            p_process_start, clock_timestamp() + make_interval(secs => p_expiry_s),
+            left(coalesce(p_purpose, 'command'), 32), p_expiry_s)
+    RETURNING id INTO opened;
+    RETURN opened;
+END $$;
+
+CREATE FUNCTION dfsfs_end_sessions(p_account bigint, p_sessions bigint[], p_reason text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+-- End sessions of the account known to be over (a daemon found dead on its own host; a
+-- work session done). Connections bound to them fail at their next statement.
+DECLARE
+    ended integer;
+BEGIN
+    PERFORM dfsfs_require_account(p_account);
+    UPDATE sessions SET ended_at = clock_timestamp(), end_reason = left(p_reason, 64)
+     WHERE id = ANY(p_sessions) AND user_id = p_account AND ended_at IS NULL;
+    GET DIAGNOSTICS ended = ROW_COUNT;
+    IF ended > 0 THEN
+        PERFORM nextval('dfsfs_sessions_ended');
+    END IF;
+    RETURN ended;
+END $$;
+
+CREATE FUNCTION dfsfs_touch_session(p_account bigint, p_session bigint) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
+-- A write to WAL that costs nothing else (see dfsfs_settle).
+BEGIN
+    PERFORM dfsfs_require_account(p_account);
+    UPDATE sessions SET heartbeat_at = clock_timestamp() WHERE id = p_session AND user_id = p_account;
+END $$;
 
 -- ---- chunk references ----------------------------------------------------------------------
 
@@ -199,19 +298,19 @@ BEGIN
       FROM dfsfs_release_chunks(p_account, dropped) AS r;
 END $$;
 
-CREATE FUNCTION dfsfs_settle(p_account bigint, p_session bigint, p_chunk_ids bigint[])
+CREATE FUNCTION dfsfs_settle(p_account bigint, p_session bigint, p_digests bytea[])
 RETURNS integer
 LANGUAGE plpgsql AS $$
--- A sync point: the session made these chunks' bytes durable in the stores. Called in a
--- durable commit, which flushes the WAL with every earlier commit of the mount. It always
--- writes WAL (the session's heartbeat), since PostgreSQL commits a transaction that wrote
--- none without flushing, whatever synchronous_commit says.
+-- A sync point: the session made the bytes of these chunks durable in the stores. Called
+-- in a durable commit, which flushes the WAL with every earlier commit of the mount. It
+-- always writes WAL (the session's heartbeat), since PostgreSQL commits a transaction that
+-- wrote none without flushing, whatever synchronous_commit says.
 DECLARE
     settled integer;
 BEGIN
-    UPDATE sessions SET heartbeat_at = now() WHERE id = p_session AND user_id = p_account;
+    PERFORM dfsfs_touch_session(p_account, p_session);
     UPDATE chunks SET settled = true, unsettled_by = NULL
-     WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND NOT chunks.settled
+     WHERE user_id = p_account AND sha256 = ANY(p_digests) AND NOT chunks.settled
        AND deleting_by IS NULL;
     GET DIAGNOSTICS settled = ROW_COUNT;
     RETURN settled;
@@ -219,28 +318,69 @@ END $$;
 
 -- ---- committing files ------------------------------------------------------------------------
 
+CREATE FUNCTION dfsfs_take_chunk(p_account bigint, p_session bigint, p_digest bytea,
+                                 p_size integer, p_uses integer) RETURNS bigint
+LANGUAGE plpgsql AS $$
+-- References for a file about to point `p_uses` chunks at `p_digest`, whose bytes this
+-- session has put: from its hold on the chunk if it has one, else taken directly. Raises
+-- DF016 (busy) when the bytes are being deleted, or were lately (see chunk_tombstones):
+-- the caller reserves the chunk (waiting for the deletion), puts it again and retries.
+DECLARE
+    found_id bigint;
+    held integer;
+    inserted boolean;
+BEGIN
+    SELECT c.id, h.uses INTO found_id, held FROM chunks c
+      LEFT JOIN chunk_holds h ON h.chunk_id = c.id AND h.session_id = p_session
+     WHERE c.user_id = p_account AND c.sha256 = p_digest;
+    IF held >= p_uses THEN
+        UPDATE chunk_holds SET uses = uses - p_uses WHERE session_id = p_session AND chunk_id = found_id;
+        RETURN found_id;
+    END IF;
+    INSERT INTO chunks AS c (user_id, sha256, size, refcount, settled, unsettled_by)
+    VALUES (p_account, p_digest, p_size, p_uses, false, p_session)
+    ON CONFLICT (user_id, sha256) DO UPDATE
+       SET refcount = c.refcount + EXCLUDED.refcount,
+           unsettled_by = CASE WHEN c.settled THEN NULL
+                               WHEN c.unsettled_by IS NULL OR NOT dfsfs_session_live(c.unsettled_by)
+                               THEN p_session ELSE c.unsettled_by END
+     WHERE c.deleting_by IS NULL
+    RETURNING c.id, (c.xmax = 0) INTO found_id, inserted;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'chunk % is being deleted', encode(p_digest, 'hex') USING ERRCODE = 'DF016';
+    END IF;
+    IF inserted THEN
+        IF EXISTS (SELECT 1 FROM chunk_tombstones WHERE user_id = p_account AND sha256 = p_digest
+                    AND claimed_at > now() - interval '1 hour') THEN
+            RAISE EXCEPTION 'chunk % was deleted lately', encode(p_digest, 'hex') USING ERRCODE = 'DF016';
+        END IF;
+        UPDATE usage SET chunks = chunks + 1, stored_bytes = stored_bytes + p_size
+         WHERE user_id = p_account;
+    END IF;
+    RETURN found_id;
+END $$;
+
 CREATE FUNCTION dfsfs_commit_files(
     p_account bigint, p_session bigint,
     p_inos bigint[], p_sizes bigint[], p_drop_from bigint[],
     p_mtimes bigint[], p_ctimes bigint[], p_atimes bigint[],
     p_modes integer[], p_uids integer[], p_gids integer[],
-    p_chunk_file integer[], p_chunk_indices bigint[], p_chunk_ids bigint[],
+    p_chunk_file integer[], p_chunk_indices bigint[], p_digests bytea[], p_chunk_sizes integer[],
     OUT refusals text[], OUT chunk_ids bigint[], OUT digests bytea[])
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 -- Commit several files in one call, in order. File i gets size p_sizes[i], loses its
 -- chunks from index p_drop_from[i] on (NULL: none), takes the attributes given (NULL:
--- unchanged), and its chunk indices listed for it (p_chunk_file = i) point at the chunk
--- ids given (NULL: a hole), each turning one use of this session's hold into a
--- reference. A file is refused whole (its code in refusals[i], else NULL) when it is
--- gone (DF002), over the byte quota (DF122), or names a chunk this session holds no
--- use of (DF116: its session expired and its holds were released; store again).
--- Returns the chunks left without references, for reclaim.
+-- unchanged), and its chunk indices listed for it (p_chunk_file = i) point at the chunks
+-- with the digests given (NULL: a hole), whose bytes this session has put (see
+-- dfsfs_take_chunk). A file is refused whole (nothing of it changes; its code in
+-- refusals[i], else NULL) when it is gone (DF002), over the byte quota (DF122), or names
+-- a chunk being deleted (DF016). Returns the chunks left without references, for reclaim.
 DECLARE
     old inodes;
     i integer;
-    wanted bigint[];
-    missing_hold boolean;
+    wanted record;
+    taken bigint[];
     dropped bigint[];
     released record;
     stored_change bigint;
@@ -249,29 +389,26 @@ BEGIN
     chunk_ids := '{}';
     digests := '{}';
     FOR i IN 1 .. coalesce(array_length(p_inos, 1), 0) LOOP
+      BEGIN
         SELECT * INTO old FROM inodes WHERE id = p_inos[i] AND user_id = p_account FOR UPDATE;
         IF NOT FOUND THEN
-            refusals[i] := 'DF002';
-            CONTINUE;
+            RAISE EXCEPTION 'inode % is gone', p_inos[i] USING ERRCODE = 'DF002';
         END IF;
         IF p_sizes[i] > old.size AND old.nlink > 0 AND EXISTS (
                 SELECT 1 FROM usage u JOIN users a ON a.id = u.user_id
                  WHERE u.user_id = p_account AND a.quota_bytes IS NOT NULL
                    AND u.logical_bytes + (p_sizes[i] - old.size) > a.quota_bytes) THEN
-            refusals[i] := 'DF122';
-            CONTINUE;
+            RAISE EXCEPTION 'byte quota exceeded' USING ERRCODE = 'DF122';
         END IF;
-        SELECT coalesce(array_agg(t.c), '{}') INTO wanted
-          FROM unnest(p_chunk_file, p_chunk_ids) AS t(f, c) WHERE t.f = i AND t.c IS NOT NULL;
-        SELECT EXISTS (
-            SELECT 1 FROM (SELECT c, count(*) AS n FROM unnest(wanted) AS c GROUP BY c) w
-              LEFT JOIN chunk_holds h
-                ON h.session_id = p_session AND h.chunk_id = w.c AND h.user_id = p_account
-             WHERE h.uses IS NULL OR h.uses < w.n) INTO missing_hold;
-        IF missing_hold THEN
-            refusals[i] := 'DF116';
-            CONTINUE;
-        END IF;
+        taken := '{}';
+        FOR wanted IN
+            SELECT t.d, min(t.s) AS s, count(*)::integer AS n
+              FROM unnest(p_chunk_file, p_digests, p_chunk_sizes) AS t(f, d, s)
+             WHERE t.f = i AND t.d IS NOT NULL GROUP BY t.d ORDER BY t.d
+        LOOP
+            taken := taken || array_fill(dfsfs_take_chunk(p_account, p_session, wanted.d, wanted.s,
+                                                          wanted.n), ARRAY[wanted.n]);
+        END LOOP;
         WITH gone AS (
             DELETE FROM file_chunks fc
              WHERE fc.ino = p_inos[i] AND fc.user_id = p_account
@@ -280,16 +417,14 @@ BEGIN
                                      WHERE t.f = i))
             RETURNING fc.chunk_id)
         SELECT coalesce(array_agg(gone.chunk_id), '{}') INTO dropped FROM gone;
-        SELECT coalesce((SELECT sum(c.size) FROM unnest(wanted) AS w(x) JOIN chunks c ON c.id = w.x), 0)
+        SELECT coalesce((SELECT sum(c.size) FROM unnest(taken) AS w(x) JOIN chunks c ON c.id = w.x), 0)
              - coalesce((SELECT sum(c.size) FROM unnest(dropped) AS d(x) JOIN chunks c ON c.id = d.x), 0)
           INTO stored_change;
         INSERT INTO file_chunks (user_id, ino, index, chunk_id)
-        SELECT p_account, p_inos[i], t.x, t.c
-          FROM unnest(p_chunk_file, p_chunk_indices, p_chunk_ids) AS t(f, x, c)
-         WHERE t.f = i AND t.c IS NOT NULL;
-        UPDATE chunk_holds h SET uses = h.uses - w.n
-          FROM (SELECT c, count(*)::integer AS n FROM unnest(wanted) AS c GROUP BY c) w
-         WHERE h.session_id = p_session AND h.chunk_id = w.c AND h.user_id = p_account;
+        SELECT p_account, p_inos[i], t.x, c.id
+          FROM unnest(p_chunk_file, p_chunk_indices, p_digests) AS t(f, x, d)
+          JOIN chunks c ON c.user_id = p_account AND c.sha256 = t.d
+         WHERE t.f = i;
         SELECT r.chunk_ids, r.digests INTO released FROM dfsfs_release_chunks(p_account, dropped) AS r;
         chunk_ids := chunk_ids || released.chunk_ids;
         digests := digests || released.digests;
@@ -303,6 +438,9 @@ BEGIN
             UPDATE usage SET logical_bytes = logical_bytes + (p_sizes[i] - old.size)
              WHERE user_id = p_account;
         END IF;
+      EXCEPTION WHEN SQLSTATE 'DF002' OR SQLSTATE 'DF122' OR SQLSTATE 'DF016' THEN
+        refusals[i] := SQLSTATE;
+      END;
     END LOOP;
     DELETE FROM chunk_holds WHERE session_id = p_session AND user_id = p_account AND uses <= 0;
 END $$;
@@ -315,23 +453,34 @@ LANGUAGE sql AS $$
 -- Mark chunks with no reference and no hold as being deleted by this session. Commit
 -- this durably before deleting their bytes: a reservation then waits instead of trusting
 -- bytes that are going, and after a crash the mark says which bytes may be gone.
-    UPDATE chunks SET deleting_by = p_session, settled = false, unsettled_by = NULL
-     WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND refcount = 0
-       AND deleting_by IS NULL
-    RETURNING id, sha256
+    WITH claimed AS (
+        UPDATE chunks SET deleting_by = p_session, settled = false, unsettled_by = NULL
+         WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND refcount = 0
+           AND deleting_by IS NULL
+        RETURNING id, sha256),
+    remembered AS (
+        INSERT INTO chunk_tombstones (user_id, sha256) SELECT p_account, sha256 FROM claimed
+        ON CONFLICT (user_id, sha256) DO UPDATE SET claimed_at = now()
+        RETURNING 1)
+    SELECT id, sha256 FROM claimed
 $$;
 
-CREATE FUNCTION dfsfs_claim_orphan(p_account bigint, p_session bigint, p_digest bytea)
+CREATE FUNCTION dfsfs_claim_orphans(p_account bigint, p_session bigint, p_digests bytea[])
 RETURNS TABLE (chunk_id bigint, digest bytea)
 LANGUAGE sql AS $$
--- fsck found bytes no chunk row names: a row marked as being deleted by this session
--- (counted like any chunk, so that dfsfs_finish_reclaim can drop it) makes a reservation
--- of the digest wait while the bytes go. Nothing if a row appeared meanwhile.
+-- Bytes that no chunk row names (a mount's put that no commit will name, because it was
+-- overwritten first; what fsck finds): a row marked as being deleted by this session
+-- (counted like any chunk, so that dfsfs_finish_reclaim can drop it) makes a commit or a
+-- reservation of the digest wait while the bytes go. Digests that have a row are left.
     WITH claimed AS (
         INSERT INTO chunks (user_id, sha256, size, refcount, settled, deleting_by)
-        VALUES (p_account, p_digest, 0, 0, false, p_session)
+        SELECT p_account, d, 0, 0, false, p_session FROM unnest(p_digests) AS d ORDER BY d
         ON CONFLICT (user_id, sha256) DO NOTHING
         RETURNING id, sha256),
+    remembered AS (
+        INSERT INTO chunk_tombstones (user_id, sha256) SELECT p_account, sha256 FROM claimed
+        ON CONFLICT (user_id, sha256) DO UPDATE SET claimed_at = now()
+        RETURNING 1),
     counted AS (
         UPDATE usage SET chunks = chunks + (SELECT count(*) FROM claimed)
          WHERE user_id = p_account
@@ -573,22 +722,6 @@ END $$;
 
 -- ---- recovery ----------------------------------------------------------------------------------
 
--- Which process on which boot of its host runs the session: a later mount on the same
--- machine tells from these that the session's daemon is gone, without waiting for expiry.
-ALTER TABLE sessions
-    ADD COLUMN boot_id text,  -- /proc/sys/kernel/random/boot_id when the session started
-    ADD COLUMN process_start bigint;  -- the process's start time (clock ticks since boot)
-
-CREATE FUNCTION dfsfs_end_sessions(p_account bigint, p_sessions bigint[], p_reason text)
-RETURNS integer
-LANGUAGE sql AS $$
--- End sessions known to be over (a clean unmount; a daemon found dead on its own host).
-    WITH ended AS (
-        UPDATE sessions SET ended_at = now(), end_reason = p_reason
-         WHERE id = ANY(p_sessions) AND user_id = p_account AND ended_at IS NULL
-        RETURNING 1)
-    SELECT count(*)::integer FROM ended
-$$;
 
 CREATE FUNCTION dfsfs_recover(
     p_account bigint,
@@ -596,7 +729,7 @@ CREATE FUNCTION dfsfs_recover(
     OUT reclaim_ids bigint[], OUT reclaim_digests bytea[],
     OUT unsettled_ids bigint[], OUT unsettled_digests bytea[],
     OUT deleting_ids bigint[], OUT deleting_digests bytea[])
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER AS $$
 #variable_conflict use_column
 -- Settle what sessions of the account left behind when they ended without cleaning up
 -- (a killed daemon, a power cut, a machine gone): end expired sessions; drop the chunk
@@ -609,11 +742,13 @@ DECLARE
     dropped bigint[];
     released record;
 BEGIN
-    WITH expired AS (
-        UPDATE sessions SET ended_at = now(), end_reason = 'expired'
-         WHERE user_id = p_account AND ended_at IS NULL AND expires_at <= now()
-        RETURNING 1)
-    SELECT count(*) INTO ended FROM expired;
+    PERFORM dfsfs_require_account(p_account);  -- (it runs as the owner: every account's rows)
+    UPDATE sessions SET ended_at = expires_at, end_reason = 'expired'
+     WHERE user_id = p_account AND ended_at IS NULL AND expires_at <= clock_timestamp();
+    GET DIAGNOSTICS ended = ROW_COUNT;
+    IF ended > 0 THEN
+        PERFORM nextval('dfsfs_sessions_ended');
+    END IF;
     SELECT coalesce(array_agg(id), '{}') INTO dead FROM sessions
      WHERE user_id = p_account AND ended_at IS NOT NULL;
     -- chunk holds of ended sessions: one reference less per use
@@ -640,9 +775,12 @@ BEGIN
     SELECT coalesce(array_agg(id ORDER BY id), '{}'), coalesce(array_agg(sha256 ORDER BY id), '{}')
       INTO deleting_ids, deleting_digests FROM chunks
      WHERE user_id = p_account AND deleting_by IS NOT NULL AND NOT dfsfs_session_live(deleting_by);
-    -- ended sessions nothing names any more
+    -- tombstones no commit can need any more
+    DELETE FROM chunk_tombstones WHERE user_id = p_account AND claimed_at < now() - interval '1 hour';
+    -- sessions ended a day ago (`dfsfs user sessions` lists them until then) that nothing
+    -- names any more
     DELETE FROM sessions s
-     WHERE s.user_id = p_account AND s.ended_at IS NOT NULL
+     WHERE s.user_id = p_account AND s.ended_at < clock_timestamp() - interval '1 day'
        AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.user_id = p_account
                         AND (c.unsettled_by = s.id OR c.deleting_by = s.id));
 END $$;
@@ -655,7 +793,7 @@ LANGUAGE sql AS $$
      WHERE id = ANY(p_chunk_ids) AND user_id = p_account AND refcount = 0
        AND deleting_by IS NOT NULL AND NOT dfsfs_session_live(deleting_by)
     RETURNING id, sha256
-$$;
+$$;  -- (their tombstones were written when they were first claimed)
 
 CREATE FUNCTION dfsfs_cut_lost(p_account bigint, p_chunk_size bigint, p_chunk_ids bigint[])
 RETURNS TABLE (ino bigint, old_size bigint, new_size bigint)
@@ -716,3 +854,88 @@ BEGIN
                      stored_bytes = stored_bytes - (SELECT coalesce(sum(size), 0) FROM gone)
      WHERE user_id = p_account;
 END $$;
+
+-- ---- the change feed ---------------------------------------------------------------------------
+-- Every committed change of a name or an inode is announced on the account's channel, so
+-- that the other mounts of the account drop what their kernels cached at once (instead
+-- of after the entry and attribute timeouts) and file managers see it. The channel's name
+-- holds a random key only the account's sessions are told: PostgreSQL lets any role
+-- LISTEN on any channel, and the payloads name files.
+-- Payload: <session> e+ <parent ino> <ino> <name, hex>  (a name appeared)
+--          <session> e- <parent ino> <ino> <name, hex>  (a name went)
+--          <session> i <ino>                           (an inode's attributes or data changed)
+-- where <session> is the changing connection's dfsfs.session_id setting (its own mount
+-- skips its own changes).
+
+ALTER TABLE users ADD COLUMN feed_key text NOT NULL DEFAULT md5(random()::text || clock_timestamp()::text);
+
+CREATE FUNCTION dfsfs_feed_channel(p_account bigint) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
+-- The channel of an account's change feed, for that account's own connections only.
+    SELECT 'dfsfs_' || feed_key FROM users
+     WHERE id = p_account AND p_account = (SELECT dfsfs_current_account())
+$$;
+
+CREATE FUNCTION dfsfs_announce(p_account bigint, p_change text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER AS $$
+-- Only when another session of the account is live: a single mount (the usual case) then
+-- pays nothing, nor takes the lock PostgreSQL serialises notifying commits with. Asked
+-- once per transaction (a setting local to it remembers the answer).
+DECLARE
+    me text := coalesce(nullif(current_setting('dfsfs.session_id', true), ''), '0');
+    listened text := current_setting('dfsfs.feed_listened', true);
+BEGIN
+    IF listened IS NULL OR listened = '' THEN
+        listened := CASE WHEN EXISTS (
+            SELECT 1 FROM sessions
+             WHERE user_id = p_account AND ended_at IS NULL AND expires_at > now()
+               AND id <> me::bigint) THEN 'yes' ELSE 'no' END;
+        PERFORM set_config('dfsfs.feed_listened', listened, true);
+    END IF;
+    IF listened = 'yes' THEN
+        PERFORM pg_notify('dfsfs_' || feed_key, me || ' ' || p_change) FROM users WHERE id = p_account;
+    END IF;
+END $$;
+
+CREATE FUNCTION dfsfs_announce_entry() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP IN ('DELETE', 'UPDATE') THEN
+        PERFORM dfsfs_announce(OLD.user_id, format('e- %s %s %s', OLD.parent_ino, OLD.ino,
+                                                   encode(OLD.name, 'hex')));
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        PERFORM dfsfs_announce(NEW.user_id, format('e+ %s %s %s', NEW.parent_ino, NEW.ino,
+                                                   encode(NEW.name, 'hex')));
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION dfsfs_announce_inode() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM dfsfs_announce(NEW.user_id, format('i %s', NEW.id));
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER dentries_announce AFTER INSERT OR UPDATE OR DELETE ON dentries
+    FOR EACH ROW EXECUTE FUNCTION dfsfs_announce_entry();
+CREATE TRIGGER inodes_announce AFTER UPDATE ON inodes
+    FOR EACH ROW
+    WHEN (OLD.size IS DISTINCT FROM NEW.size OR OLD.mtime_ns IS DISTINCT FROM NEW.mtime_ns
+          OR OLD.ctime_ns IS DISTINCT FROM NEW.ctime_ns OR OLD.mode IS DISTINCT FROM NEW.mode
+          OR OLD.uid IS DISTINCT FROM NEW.uid OR OLD.gid IS DISTINCT FROM NEW.gid
+          OR OLD.nlink IS DISTINCT FROM NEW.nlink OR OLD.atime_ns IS DISTINCT FROM NEW.atime_ns)
+    EXECUTE FUNCTION dfsfs_announce_inode();
+
+-- SECURITY DEFINER functions resolve names in this schema only (never pg_temp first), as
+-- migration 7's.
+DO $do$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+              WHERE p.pronamespace = current_schema()::regnamespace AND p.prosecdef LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = %I, pg_temp', f, current_schema());
+    END LOOP;
+END $do$;

@@ -2,8 +2,9 @@
 --
 -- A rename is one call, dfsfs_rename; a hard link is one call, dfsfs_link. Both lock what
 -- they change in one fixed order, the order every namespace change of dfsfs follows:
---   1. a rename between two directories takes the account's rename lock (a transaction
---      advisory lock). Like Linux's s_vfs_rename_mutex, it keeps the shape of the directory
+--   1. a rename between two directories takes the account's rename lock (its `users` row,
+--      which row-level security keeps other accounts from locking, as they could an
+--      advisory lock's key). Like Linux's s_vfs_rename_mutex, it keeps the shape of the directory
 --      tree still while the rename checks that a directory does not move below itself:
 --      only such renames change which directory is whose ancestor, and they take turns;
 --   2. the parent directories' inode rows, in id order (FOR NO KEY UPDATE, the lock the
@@ -151,7 +152,7 @@ BEGIN
         RAISE EXCEPTION 'rename flags % not supported', p_flags USING ERRCODE = 'DF022';
     END IF;
     IF p_old_parent <> p_new_parent THEN
-        PERFORM pg_advisory_xact_lock(1684435826, (p_account % 2147483647)::integer);  -- 'dfsr'
+        PERFORM 1 FROM users WHERE id = p_account FOR NO KEY UPDATE;
     END IF;
     PERFORM dfsfs_lock_parents(p_account, ARRAY[p_old_parent, p_new_parent]);
     PERFORM 1 FROM dentries
