@@ -7,23 +7,35 @@ A check of one user runs these steps in this order (each relies on those before 
    did not finish. Repair settles them as the next mount would (dfsfs/recovery.py):
    holds go, chunks the stores hold are settled, files naming chunks that did not
    survive are cut back to before them (recorded as damage), deletions are finished.
-1. link counts: a non-directory's nlink equals the entries naming it; a directory's is
+1. rows no mount could have written (a damaged or tampered database, a bug): entry names
+   that are empty, over 255 bytes, '.', '..', or hold '/' or NUL; entries naming missing
+   inodes or inside non-directories; directories with more than one name; inodes of no
+   known file type; file sizes past the largest file; file chunks past their file's end
+   or of something that is no regular file.
+2. the tree: every inode with a name reaches the account's root. A directory that is its
+   own ancestor (a cycle) or hangs below a removed or missing directory is cut off.
+   Repair never deletes what it cannot account for: it moves it into the quarantine,
+   `lost+found` in the account's root (made when first needed): cut-off subtrees (a
+   cycle broken at its lowest inode), entries with invalid names or in non-directories,
+   files of unknown type (as regular files, mode 0600), and file chunks past a file's
+   end (as a file of their own). Only entries naming nothing are deleted.
+3. link counts: a non-directory's nlink equals the entries naming it; a directory's is
    2 plus its subdirectories.
-2. unlinked inodes (nlink 0) that no session holds (a broken row: a session that is
+4. unlinked inodes (nlink 0) that no session holds (a broken row: a session that is
    over reports its own in step 0). Repair purges them. An unlinked file a live mount
    still has open is held by that mount's session and is no problem.
-3. chunk refcounts against the file_chunks rows pointing at each chunk plus the holds
+5. chunk refcounts against the file_chunks rows pointing at each chunk plus the holds
    of sessions storing it.
-4. chunk rows no file references and no session holds (a crash during reclaim): repair
+6. chunk rows no file references and no session holds (a crash during reclaim): repair
    deletes the bytes, then the row.
-5. orphan chunk files, present in a store without a chunks row (a crash between the
+7. orphan chunk files, present in a store without a chunks row (a crash between the
    chunk write and the metadata commit): repair deletes them.
-6. both copies of every referenced chunk: present, with the right SHA-256. Repair
+8. both copies of every referenced chunk: present, with the right SHA-256. Repair
    rewrites a bad copy from the good one. A chunk with no good copy is lost; the
    file_chunks rows pointing at it are dangling references. Every bad copy gets a damage
    record, which `dfsfs stats` shows.
-7. the usage counters against a full recount. It runs last, so it also corrects the
-   counters for the link counts step 1 repaired.
+9. the usage counters against a full recount. It runs last, so it also corrects the
+   counters for what the steps before repaired.
 Then users.last_fsck_at is set. With repair, stale temporary files of interrupted puts
 are removed from local stores.
 
@@ -31,6 +43,7 @@ are removed from local stores.
 """
 
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +56,7 @@ from sqlalchemy.engine import Connection, Engine
 from dfsfs import recovery
 from dfsfs.chunks.local import LocalChunkStore
 from dfsfs.chunks.mirrored import CheckResult, MirroredChunkStore
+from dfsfs.core.settings import MAX_FILE_SIZE
 from dfsfs.errors import NotFoundError
 from dfsfs.meta.db import run_transaction
 from dfsfs.meta.layout import recorded_chunk_size
@@ -59,6 +73,15 @@ BATCH_SIZE = 1000
 CATEGORIES = {
     "sessions_over": "sessions that ended without cleaning up",
     "unsettled_chunks": "chunks a crashed mount never made durable",
+    "invalid_names": "entries with invalid names",
+    "dangling_entries": "entries naming missing inodes",
+    "entries_in_non_directories": "entries inside something that is no directory",
+    "linked_directories": "directories with more than one name",
+    "unknown_types": "inodes of no known file type",
+    "bad_sizes": "files with impossible sizes",
+    "chunks_past_end": "file chunks past the end of their file",
+    "cycles": "directory cycles cut off from the root",
+    "detached": "subtrees cut off from the root",
     "wrong_nlink": "inodes with a wrong link count",
     "unlinked_inodes": "unlinked inodes no mount holds",
     "wrong_refcount": "chunks with a wrong reference count",
@@ -263,6 +286,124 @@ ORDER BY names LIMIT 1
 """
 
 
+QUARANTINE = b"lost+found"
+RENAME_LOCK_KEY = 1684435826  # the account's rename lock of dfsfs_rename (migration 9)
+KNOWN_TYPES = [stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK,
+               stat.S_IFCHR, stat.S_IFBLK]
+_NAME_BYTES = {"slash": b"/", "nul": b"\0", "dot": b".", "dotdot": b".."}
+
+_INVALID_NAMES_SQL = """
+SELECT d.id, d.parent_ino, d.name, d.ino FROM dentries d
+WHERE d.user_id = :uid
+  AND (octet_length(d.name) NOT BETWEEN 1 AND 255 OR position(:slash IN d.name) > 0
+       OR position(:nul IN d.name) > 0 OR d.name = :dot OR d.name = :dotdot)
+ORDER BY d.id
+"""
+
+_DANGLING_ENTRIES_SQL = """
+SELECT d.id, d.parent_ino, d.name, d.ino FROM dentries d
+WHERE d.user_id = :uid
+  AND (NOT EXISTS (SELECT 1 FROM inodes i WHERE i.id = d.ino)
+       OR NOT EXISTS (SELECT 1 FROM inodes p WHERE p.id = d.parent_ino))
+ORDER BY d.id
+"""
+
+_ENTRIES_IN_NON_DIRECTORIES_SQL = """
+SELECT d.id, d.parent_ino, d.name, d.ino FROM dentries d JOIN inodes p ON p.id = d.parent_ino
+WHERE d.user_id = :uid AND p.mode & :ifmt <> :ifdir
+ORDER BY d.id
+"""
+
+_LINKED_DIRECTORIES_SQL = """
+SELECT d.ino, count(*) FROM dentries d JOIN inodes i ON i.id = d.ino
+WHERE d.user_id = :uid AND i.mode & :ifmt = :ifdir
+GROUP BY d.ino HAVING count(*) > 1 ORDER BY d.ino
+"""
+
+_UNKNOWN_TYPES_SQL = """
+SELECT id, mode FROM inodes
+WHERE user_id = :uid AND NOT (mode & :ifmt = ANY(CAST(:known AS integer[])))
+ORDER BY id
+"""
+
+_BAD_SIZES_SQL = """
+SELECT id, size FROM inodes WHERE user_id = :uid AND (size < 0 OR size > :largest) ORDER BY id
+"""
+
+# Chunks of a file at or past its end, or of something that is no regular file: the
+# first such index and how many.
+_CHUNKS_PAST_END_SQL = """
+SELECT fc.ino, min(fc.index), count(*) FROM file_chunks fc JOIN inodes i ON i.id = fc.ino
+WHERE fc.user_id = :uid
+  AND (fc.index * CAST(:chunk_size AS bigint) >= i.size OR i.mode & :ifmt <> :ifreg)
+GROUP BY fc.ino ORDER BY fc.ino
+"""
+
+_RECOUNT_STORED_SQL = """
+UPDATE inodes SET stored_bytes = (SELECT coalesce(sum(c.size), 0) FROM file_chunks fc
+                                  JOIN chunks c ON c.id = fc.chunk_id WHERE fc.ino = :ino)
+WHERE id = :ino AND user_id = :uid
+"""
+
+# The entries of inodes with links that do not reach the root from it (each inode once:
+# its entry of lowest id), with the kind of inode.
+_CUT_OFF_SQL = """
+WITH RECURSIVE down(ino) AS (
+    SELECT root_ino FROM users WHERE id = :uid
+  UNION
+    SELECT d.ino FROM dentries d JOIN down ON d.parent_ino = down.ino WHERE d.user_id = :uid)
+SELECT DISTINCT ON (d.ino) d.id, d.ino, d.parent_ino, d.name,
+       CASE WHEN i.mode & :ifmt = :ifdir THEN 'directory' ELSE 'file' END AS kind
+FROM dentries d JOIN inodes i ON i.id = d.ino
+WHERE d.user_id = :uid AND i.nlink > 0 AND NOT EXISTS (SELECT 1 FROM down WHERE down.ino = d.ino)
+ORDER BY d.ino, d.id
+"""
+
+_NAMELESS_SQL = """
+SELECT i.id FROM inodes i
+WHERE i.user_id = :uid AND i.nlink > 0 AND i.id <> (SELECT root_ino FROM users WHERE id = :uid)
+  AND NOT EXISTS (SELECT 1 FROM dentries d WHERE d.ino = i.id)
+ORDER BY i.id
+"""
+
+_QUARANTINE_SQL = """
+SELECT d.ino FROM dentries d JOIN inodes i ON i.id = d.ino
+WHERE d.user_id = :uid AND d.parent_ino = (SELECT root_ino FROM users WHERE id = :uid)
+  AND d.name = :name AND i.mode & :ifmt = :ifdir
+"""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """An entry of an inode cut off from the root."""
+
+    ino: int
+    parent: int
+    name: bytes
+    kind: str
+
+
+def _tops(cut_off: dict[int, _Entry]) -> tuple[set[int], set[int]]:
+    """The inodes to move to reattach everything cut off: walking up from each, the first
+    whose parent is not itself cut off (it hangs below a removed or missing directory),
+    or the lowest inode of the cycle the walk ends in. Returns (tops, those on cycles)."""
+    tops: set[int] = set()
+    cycles: set[int] = set()
+    for start in cut_off:
+        path: list[int] = []
+        ino = start
+        while ino in cut_off and ino not in path:
+            path.append(ino)
+            ino = cut_off[ino].parent
+        if ino in path:  # back where the walk has been: a cycle
+            top = min(path[path.index(ino):])
+            cycles.add(top)
+        else:
+            top = path[-1]
+        tops.add(top)
+    return tops, cycles
+
+
 class _UserCheck:
     """The steps of checking one user's namespace; findings go into `report`."""
 
@@ -287,6 +428,8 @@ class _UserCheck:
             self.meta.end_sessions([self.meta.session_id], "fsck done")
 
     def _check(self) -> None:
+        self.invalid_rows()
+        self.tree()
         self.link_counts()
         self.unlinked_inodes()
         self.refcounts()
@@ -353,6 +496,170 @@ class _UserCheck:
             self.report.add("unlinked_inodes",
                             f"{self.who}: inode {ino} has no name and no mount holds it",
                             repaired=self.repair)
+
+    # ---- rows no mount writes, and the tree (steps 1 and 2) ----------------------------
+
+    def invalid_rows(self) -> None:
+        for dentry_id, parent, name, ino in self._query(_INVALID_NAMES_SQL, **_NAME_BYTES):
+            moved = self.repair and self._quarantine_entry(dentry_id, f"invalid-name-{dentry_id}")
+            self.report.add("invalid_names", f"{self.who}: entry {bytes(name)!r} of directory"
+                            f" {parent} (inode {ino}) has an invalid name", repaired=moved)
+        for dentry_id, parent, name, ino in self._query(_DANGLING_ENTRIES_SQL):
+            if self.repair:  # it names nothing: nothing is lost with it
+                self._run(lambda conn, i=dentry_id: self._exec(
+                    conn, "DELETE FROM dentries WHERE id = :id AND user_id = :uid", id=i))
+            self.report.add("dangling_entries", f"{self.who}: entry {bytes(name)!r} of directory"
+                            f" {parent} names inode {ino}, which does not exist",
+                            repaired=self.repair)
+        for dentry_id, parent, name, ino in self._query(_ENTRIES_IN_NON_DIRECTORIES_SQL,
+                                                        **MODE_TYPES):
+            moved = self.repair and self._quarantine_entry(dentry_id, f"entry-{dentry_id}")
+            self.report.add("entries_in_non_directories", f"{self.who}: entry {bytes(name)!r}"
+                            f" (inode {ino}) is inside inode {parent}, which is no directory",
+                            repaired=moved)
+        for ino, names in self._query(_LINKED_DIRECTORIES_SQL, **MODE_TYPES):
+            self.report.add("linked_directories", f"{self.who}: directory"
+                            f" {self._describe_inode(ino)} has {names} names")
+        for ino, mode in self._query(_UNKNOWN_TYPES_SQL, ifmt=FILE_TYPE_MASK, known=KNOWN_TYPES):
+            if self.repair:
+                self._run(partial(self._make_regular_file, ino=ino))
+                for (dentry_id,) in self._query(
+                        "SELECT id FROM dentries WHERE ino = :ino AND user_id = :uid", ino=ino):
+                    self._quarantine_entry(dentry_id, f"unknown-type-{ino}-{dentry_id}")
+            self.report.add("unknown_types", f"{self.who}: inode {ino} has mode {mode:o},"
+                            " of no known file type" + (" (made a regular file, mode 600)"
+                                                        if self.repair else ""),
+                            repaired=self.repair)
+        chunk_size = recorded_chunk_size(self.engine)
+        if chunk_size is None:
+            return  # a database `dfsfs init` has not finished: no chunk to place
+        for ino, size in self._query(_BAD_SIZES_SQL, largest=MAX_FILE_SIZE):
+            if self.repair:
+                self._run(partial(self._size_to_chunks, ino=ino, chunk_size=chunk_size))
+            self.report.add("bad_sizes", f"{self.who}: inode {ino} has size {size}",
+                            repaired=self.repair)
+        for ino, first, count in self._query(_CHUNKS_PAST_END_SQL, chunk_size=chunk_size,
+                                             ifreg=stat.S_IFREG, ifmt=FILE_TYPE_MASK):
+            moved = self.repair and self._quarantine_chunks(ino, first, chunk_size)
+            self.report.add("chunks_past_end", f"{self.who}: {self._describe_inode(ino)} has"
+                            f" {count} chunk(s) from index {first} on past its end",
+                            found=count, repaired=count if moved else 0)
+
+    def tree(self) -> None:
+        """Step 2: what is cut off from the root (see the module docstring)."""
+        # first inodes with links but no entry at all: given one in the quarantine (a
+        # directory among them brings its subtree back with it)
+        for (ino,) in self._query(_NAMELESS_SQL):
+            moved = self.repair and self._run(partial(self._give_name, ino=ino))
+            self.report.add("detached", f"{self.who}: inode {ino} has links but no entry",
+                            repaired=moved)
+        cut_off = self._cut_off()
+        tops, cycles = _tops(cut_off)
+        for top in sorted(tops):
+            label = "cycle" if top in cycles else "detached"
+            moved = self.repair and self._run(partial(self._reattach, top=top, label=label))
+            kind = "a directory cycle" if top in cycles else "cut off from the root"
+            self.report.add("cycles" if top in cycles else "detached",
+                            f"{self.who}: inode {top} ({cut_off[top].kind}, named"
+                            f" {cut_off[top].name!r} in {cut_off[top].parent}) is {kind}",
+                            repaired=moved)
+
+    def _cut_off(self) -> dict[int, "_Entry"]:
+        """Entries of inodes that have links but do not reach the root, by inode."""
+        return {ino: _Entry(ino, parent, bytes(name), kind)
+                for _, ino, parent, name, kind in self._query(_CUT_OFF_SQL, **MODE_TYPES)}
+
+    def _reattach(self, conn: Connection, top: int, label: str) -> bool:
+        """Move a cut-off inode's entry into the quarantine, under the account's rename
+        lock (renames of live mounts wait), if it is still cut off."""
+        self._exec(conn, "SELECT pg_advisory_xact_lock(:key, :account)",
+                   key=RENAME_LOCK_KEY, account=self.user_id % 2147483647)
+        still = self._exec(conn, _CUT_OFF_SQL, **MODE_TYPES).all()
+        entry = next((row for row in still if row.ino == top), None)
+        if entry is None:
+            return False
+        return self._move_entry(conn, entry.id, f"{label}-{top}")
+
+    def _give_name(self, conn: Connection, ino: int) -> bool:
+        quarantine = self._quarantine(conn)
+        name = f"nameless-{ino}".encode()
+        if self._exec(conn, "SELECT 1 FROM dentries WHERE parent_ino = :p AND name = :n",
+                      p=quarantine, n=name).first():
+            return False
+        self._exec(conn, "INSERT INTO dentries (user_id, parent_ino, name, ino)"
+                   " VALUES (:uid, :p, :n, :ino)", p=quarantine, n=name, ino=ino)
+        return True
+
+    def _quarantine_entry(self, dentry_id: int, label: str) -> bool:
+        return self._run(lambda conn: self._move_entry(conn, dentry_id, label))
+
+    def _move_entry(self, conn: Connection, dentry_id: int, label: str) -> bool:
+        """Move an entry into the quarantine under the name `label` (if free)."""
+        quarantine = self._quarantine(conn)
+        name = label.encode()
+        if self._exec(conn, "SELECT 1 FROM dentries WHERE parent_ino = :p AND name = :n",
+                      p=quarantine, n=name).first():
+            return False
+        return self._exec(conn, "UPDATE dentries SET parent_ino = :p, name = :n"
+                          " WHERE id = :id AND user_id = :uid",
+                          p=quarantine, n=name, id=dentry_id).rowcount == 1
+
+    def _quarantine(self, conn: Connection) -> int:
+        """The quarantine directory, `lost+found` in the account's root, made if missing
+        (mode 0700, owned like the root)."""
+        row = self._exec(conn, _QUARANTINE_SQL, name=QUARANTINE, **MODE_TYPES).first()
+        if row is not None:
+            return row.ino
+        now = time.time_ns()
+        ino = self._exec(
+            conn, "INSERT INTO inodes (user_id, mode, uid, gid, nlink, atime_ns, mtime_ns,"
+            " ctime_ns) SELECT :uid, :mode, r.uid, r.gid, 2, :now, :now, :now"
+            " FROM inodes r WHERE r.id = (SELECT root_ino FROM users WHERE id = :uid)"
+            " RETURNING id", mode=stat.S_IFDIR | 0o700, now=now).scalar()
+        self._exec(conn, "INSERT INTO dentries (user_id, parent_ino, name, ino) VALUES (:uid,"
+                   " (SELECT root_ino FROM users WHERE id = :uid), :name, :ino)",
+                   name=QUARANTINE, ino=ino)
+        self._exec(conn, "UPDATE inodes SET nlink = nlink + 1, mtime_ns = :now, ctime_ns = :now"
+                   " WHERE id = (SELECT root_ino FROM users WHERE id = :uid)", now=now)
+        return ino
+
+    def _make_regular_file(self, conn: Connection, ino: int) -> None:
+        self._exec(conn, "UPDATE inodes SET mode = :mode WHERE id = :ino AND user_id = :uid",
+                   mode=stat.S_IFREG | 0o600, ino=ino)
+
+    def _size_to_chunks(self, conn: Connection, ino: int, chunk_size: int) -> None:
+        """A file's size becomes the end of its last chunk (0 without chunks)."""
+        self._exec(conn, "UPDATE inodes SET size = coalesce((SELECT fc.index * :cs + c.size"
+                   " FROM file_chunks fc JOIN chunks c ON c.id = fc.chunk_id WHERE fc.ino = :ino"
+                   " ORDER BY fc.index DESC LIMIT 1), 0) WHERE id = :ino AND user_id = :uid",
+                   ino=ino, cs=chunk_size)
+
+    def _quarantine_chunks(self, ino: int, first: int, chunk_size: int) -> bool:
+        """Chunks from index `first` on become a file of their own in the quarantine
+        (same indices, so each byte keeps its offset), named beyond-end-INO."""
+
+        def work(conn: Connection) -> bool:
+            quarantine = self._quarantine(conn)
+            name = f"beyond-end-{ino}".encode()
+            if self._exec(conn, "SELECT 1 FROM dentries WHERE parent_ino = :p AND name = :n",
+                          p=quarantine, n=name).first():
+                return False
+            now = time.time_ns()
+            new = self._exec(
+                conn, "INSERT INTO inodes (user_id, mode, uid, gid, nlink, atime_ns, mtime_ns,"
+                " ctime_ns) SELECT :uid, :mode, uid, gid, 1, :now, :now, :now FROM inodes"
+                " WHERE id = :ino RETURNING id", mode=stat.S_IFREG | 0o600, now=now,
+                ino=ino).scalar()
+            self._exec(conn, "UPDATE file_chunks SET ino = :new WHERE ino = :ino"
+                       " AND user_id = :uid AND index >= :first", new=new, ino=ino, first=first)
+            self._exec(conn, "INSERT INTO dentries (user_id, parent_ino, name, ino)"
+                       " VALUES (:uid, :p, :n, :new)", p=quarantine, n=name, new=new)
+            for target in (ino, new):
+                self._exec(conn, _RECOUNT_STORED_SQL, ino=target)
+            self._size_to_chunks(conn, new, chunk_size)
+            return True
+
+        return self._run(work)
 
     # ---- chunk rows -----------------------------------------------------------------
 

@@ -86,7 +86,9 @@ def test_a_database_of_every_earlier_version_upgrades_with_its_files(database_fa
             assert meta.get_xattr(5002, b"user.k") == b"v"
             made = meta.make_node(docs.ino, b"new", 0o100644, 0, 0, time.time_ns())
             assert meta.lookup(docs.ino, b"new") == made
-            assert found.stored_bytes == OLD_CHUNK_SIZE + 100  # st_blocks of files from before
+            if version < 8:  # migration 8 counts st_blocks of files from before (these rows,
+                # written with the first release's columns, do not set it at version 8 on)
+                assert found.stored_bytes == OLD_CHUNK_SIZE + 100
         finally:
             meta.engine.dispose()
     finally:

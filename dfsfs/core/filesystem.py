@@ -54,11 +54,13 @@ from dfsfs.errors import (
     StaleError,
 )
 from dfsfs.meta.feed import Change, EntryChanged
-from dfsfs.meta.store import RENAME_EXCHANGE, MetadataStore
+from dfsfs.meta.store import MetadataStore
 from dfsfs.recovery import RecoveryReport
 from dfsfs.types import Attrs, QueuedRemoval, Usage
 
 log = logging.getLogger(__name__)
+
+RENAME_EXCHANGE = 2  # renameat2(2): the two names swap inodes
 
 UNSUPPORTED_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 MAP_AT_OPEN_CHUNKS = 64  # files up to this many chunks get their chunk map with their attrs
@@ -333,6 +335,7 @@ class FileSystem:
         if target is not None and len(target) >= PATH_MAX:
             raise NameTooLongError("symbolic link target too long")
         await self.removals.settle()  # the name may be one of them
+        mode, gid = await self._inherited_group(parent_ino, mode, gid)
         now_ns = time.time_ns()
         attrs = await self.offload.meta(self.meta.make_node, parent_ino, name, mode, uid, gid,
                                         now_ns, rdev, target, hold)
@@ -342,6 +345,16 @@ class FileSystem:
         if attrs.is_dir:
             self.listings.known(attrs.ino, set())  # made here, empty
         return self.attrs.shown(attrs)
+
+    async def _inherited_group(self, parent_ino: int, mode: int, gid: int) -> tuple[int, int]:
+        """A setgid directory gives new entries its group, and new subdirectories its
+        setgid bit (as ext4 does; the kernel leaves this to the file system)."""
+        parent = self.attrs.kept(parent_ino) or await self.getattr(parent_ino)
+        if not parent.mode & stat_module.S_ISGID:
+            return mode, gid
+        if stat_module.S_ISDIR(mode):
+            mode |= stat_module.S_ISGID
+        return mode, parent.gid
 
     async def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
                      flags: int) -> tuple[int, Attrs]:
@@ -395,12 +408,14 @@ class FileSystem:
         await self._commit_if_open(source_ino)
         if source_ino in self.committer.written_since_sync:
             await self.committer.sync()
-        replaced = await self.offload.meta(self.meta.rename, old_parent_ino, old_name,
-                                           new_parent_ino, new_name, flags, time.time_ns())
-        for ino in (old_parent_ino, new_parent_ino, source_ino):  # times and link counts moved
+        moved, replaced = await self.offload.meta(
+            self.meta.rename, old_parent_ino, old_name, new_parent_ino, new_name, flags,
+            time.time_ns())
+        # (`source_ino` may be stale: another mount may have replaced the name since)
+        for ino in (old_parent_ino, new_parent_ino, source_ino, moved.ino):  # times, link counts
             self.attrs.forget(ino)
         self._names.discard((old_parent_ino, old_name))
-        self._names.put((new_parent_ino, new_name), source_ino)
+        self._names.put((new_parent_ino, new_name), moved.ino)
         if not flags & RENAME_EXCHANGE:
             self.listings.removed(old_parent_ino, old_name)
             self.listings.added(new_parent_ino, new_name)

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from dfsfs.errors import (
+    BusyError,
     DfsfsError,
     ExistsError,
     InvalidArgumentError,
@@ -32,9 +33,9 @@ from dfsfs.errors import (
     NotDirectoryError,
     NotEmptyError,
     NotFoundError,
+    PermissionDeniedError,
     QuotaExceededError,
     StaleError,
-    BusyError,
 )
 from dfsfs.meta.db import Statements, run_statements, sqlstate
 from dfsfs.types import (
@@ -48,8 +49,6 @@ from dfsfs.types import (
     Usage,
 )
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
@@ -62,7 +61,8 @@ COMMITTED_ATTRIBUTES = ("mtime_ns", "ctime_ns", "atime_ns", "mode", "uid", "gid"
 _REFUSALS = {
     f"DF{error.errno:03d}": error
     for error in (NotFoundError, ExistsError, NotDirectoryError, IsDirectoryError,
-                  NotEmptyError, QuotaExceededError, StaleError, BusyError)
+                  NotEmptyError, QuotaExceededError, StaleError, InvalidArgumentError,
+                  PermissionDeniedError, BusyError)
 }
 _NAMED_PARAMETER = re.compile(r"(?<![:\w]):(\w+)")
 
@@ -350,12 +350,6 @@ class MetadataStore:
 
         return self._read(work)
 
-    def _require_dir(self, conn: Statements, ino: int) -> Attrs:
-        attrs = self._get_attrs(conn, ino)
-        if not attrs.is_dir:
-            raise NotDirectoryError("not a directory")
-        return attrs
-
     # ---- namespace changes --------------------------------------------------------
 
     def make_node(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int,
@@ -372,25 +366,11 @@ class MetadataStore:
         return _attrs(row)
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes, now_ns: int) -> Attrs:
-        def work(conn):
-            self._require_dir(conn, new_parent_ino)
-            attrs = self._get_attrs(conn, ino, lock=True)
-            if attrs.is_dir:
-                raise IsDirectoryError("hard links to directories are not allowed")
-            if attrs.nlink == 0:
-                raise NotFoundError("the file was deleted")
-            self._insert_dentry(conn, new_parent_ino, new_name, ino)
-            self._touch_dir(conn, new_parent_ino, now_ns)
-            row = self._exec(
-                conn,
-                f"UPDATE inodes i SET nlink = nlink + 1, ctime_ns = :now"
-                f" WHERE id = :ino AND user_id = :account RETURNING {INODE_COLUMNS}",
-                ino=ino,
-                now=now_ns,
-            ).one()
-            return _attrs(row)
-
-        return self._run(work)
+        """A new name for a file (see dfsfs_link, migration 9): its attributes after."""
+        row, = self._call(
+            f"SELECT {NODE_COLUMNS} FROM dfsfs_link(:account, :ino, :parent, :name, :now) AS node",
+            ino=ino, parent=new_parent_ino, name=new_name, now=now_ns)
+        return _attrs(row)
 
     def unlink_each(self, removals: list[QueuedRemoval]) -> list[Attrs | DfsfsError]:
         """Remove many names, in order, in one call (rmdir for `directory` ones). Each
@@ -415,153 +395,22 @@ class MetadataStore:
             inos=inos)
         return list(row[0]), _chunks(row[1], row[2])
 
-    def _remove_link(self, conn: Statements, target: Attrs, now_ns: int) -> Attrs:
-        """The target's dentry was just removed: one link less; an inode left without
-        names is held by this session until `release_inodes`."""
-        row = self._exec(
-            conn,
-            f"SELECT {NODE_COLUMNS} FROM dfsfs_remove_link(:account, :session, :ino, :now) AS node",
-            ino=target.ino, now=now_ns,
-        ).one()
-        return _attrs(row)
-
-    def _has_entries(self, conn: Statements, ino: int) -> bool:
-        return (
-            self._exec(
-                conn,
-                "SELECT 1 FROM dentries WHERE parent_ino = :ino AND user_id = :account LIMIT 1",
-                ino=ino,
-            ).first()
-            is not None
-        )
-
-    def rename(
-        self,
-        old_parent_ino: int,
-        old_name: bytes,
-        new_parent_ino: int,
-        new_name: bytes,
-        flags: int,
-        now_ns: int,
-    ) -> Attrs | None:
-        """Rename atomically; returns a replaced inode's attributes after (see `unlink_each`)."""
-
-        def work(conn):
-            source = self._lookup(conn, old_parent_ino, old_name)
-            self._require_dir(conn, new_parent_ino)
-            try:
-                target = self._lookup(conn, new_parent_ino, new_name)
-            except NotFoundError:
-                target = None
-            if source.is_dir and old_parent_ino != new_parent_ino:
-                self._refuse_move_into_itself(conn, source.ino, new_parent_ino)
-            if flags & RENAME_EXCHANGE:
-                return self._exchange(conn, old_parent_ino, old_name, new_parent_ino, new_name,
-                                      source, target, now_ns)
-            if target is not None and flags & RENAME_NOREPLACE:
-                raise ExistsError("target exists")
-            if target is not None and target.ino == source.ino:
-                return None  # both names are links to the same inode: nothing to do
-            replaced = None
-            if target is not None:
-                self._check_replaceable(conn, source, target)
-                self._exec(
-                    conn,
-                    "DELETE FROM dentries WHERE parent_ino = :parent AND name = :name AND user_id = :account",
-                    parent=new_parent_ino,
-                    name=new_name,
-                )
-                if target.is_dir:
-                    self._touch_dir(conn, new_parent_ino, now_ns, nlink_delta=-1)
-                replaced = self._remove_link(conn, target, now_ns)
-            self._move_dentry(conn, old_parent_ino, old_name, new_parent_ino, new_name)
-            self._touch_parents_after_move(conn, source, old_parent_ino, new_parent_ino, now_ns)
-            return replaced
-
-        return self._run(work)
-
-    def _check_replaceable(self, conn: Statements, source: Attrs, target: Attrs) -> None:
-        if source.is_dir and not target.is_dir:
-            raise NotDirectoryError("cannot replace a non-directory with a directory")
-        if not source.is_dir and target.is_dir:
-            raise IsDirectoryError("cannot replace a directory with a non-directory")
-        if target.is_dir and self._has_entries(conn, target.ino):
-            raise NotEmptyError("target directory not empty")
-
-    def _refuse_move_into_itself(self, conn: Statements, dir_ino: int, new_parent_ino: int) -> None:
-        """A directory cannot move below itself: walk up from the new parent to the root."""
-        found = self._exec(
-            conn,
-            "WITH RECURSIVE up(ino) AS ("
-            "  SELECT CAST(:start AS bigint)"
-            "  UNION SELECT d.parent_ino FROM dentries d JOIN up ON d.ino = up.ino"
-            "  WHERE d.user_id = :account)"
-            " SELECT 1 FROM up WHERE ino = :dir LIMIT 1",
-            start=new_parent_ino,
-            dir=dir_ino,
-        ).first()
-        if found is not None:
-            raise InvalidArgumentError("cannot move a directory into itself")
-
-    def _move_dentry(self, conn, old_parent_ino, old_name, new_parent_ino, new_name) -> None:
-        self._exec(
-            conn,
-            "UPDATE dentries SET parent_ino = :new_parent, name = :new_name"
-            " WHERE parent_ino = :old_parent AND name = :old_name AND user_id = :account",
-            old_parent=old_parent_ino,
-            old_name=old_name,
-            new_parent=new_parent_ino,
-            new_name=new_name,
-        )
-
-    def _touch_parents_after_move(self, conn, moved: Attrs, old_parent_ino, new_parent_ino, now_ns):
-        moved_dir_across = moved.is_dir and old_parent_ino != new_parent_ino
-        self._touch_dir(conn, old_parent_ino, now_ns, nlink_delta=-1 if moved_dir_across else 0)
-        if new_parent_ino != old_parent_ino:
-            self._touch_dir(conn, new_parent_ino, now_ns, nlink_delta=1 if moved_dir_across else 0)
-        self._touch_inode(conn, moved.ino, now_ns)
-
-    def _exchange(self, conn, old_parent_ino, old_name, new_parent_ino, new_name,
-                  source: Attrs, target: Attrs | None, now_ns: int) -> None:
-        if target is None:
-            raise NotFoundError("RENAME_EXCHANGE target does not exist")
-        if target.is_dir and old_parent_ino != new_parent_ino:
-            self._refuse_move_into_itself(conn, target.ino, old_parent_ino)
-        for parent, name, ino in ((old_parent_ino, old_name, target.ino),
-                                  (new_parent_ino, new_name, source.ino)):
-            self._exec(
-                conn,
-                "UPDATE dentries SET ino = :ino WHERE parent_ino = :parent AND name = :name"
-                " AND user_id = :account",
-                parent=parent, name=name, ino=ino,
-            )
-        if old_parent_ino != new_parent_ino:
-            shift = int(source.is_dir) - int(target.is_dir)
-            self._touch_dir(conn, old_parent_ino, now_ns, nlink_delta=-shift)
-            self._touch_dir(conn, new_parent_ino, now_ns, nlink_delta=shift)
-        else:
-            self._touch_dir(conn, old_parent_ino, now_ns)
-
-    def _insert_dentry(self, conn: Statements, parent_ino: int, name: bytes, ino: int) -> None:
-        inserted = self._exec(
-            conn,
-            "INSERT INTO dentries (user_id, parent_ino, name, ino) VALUES (:account, :parent, :name, :ino)"
-            " ON CONFLICT (parent_ino, name) DO NOTHING RETURNING id",
-            parent=parent_ino,
-            name=name,
-            ino=ino,
-        ).first()
-        if inserted is None:
-            raise ExistsError("file exists")  # the transaction rolls back what it did so far
-
-    def _touch_dir(self, conn: Statements, ino: int, now_ns: int, nlink_delta: int = 0) -> None:
-        """Update a directory's times and link count."""
-        self._exec(
-            conn,
-            "UPDATE inodes SET mtime_ns = :now, ctime_ns = :now, nlink = nlink + :delta"
-            " WHERE id = :ino AND user_id = :account",
-            ino=ino, now=now_ns, delta=nlink_delta,
-        )
+    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int,
+               new_name: bytes, flags: int, now_ns: int) -> tuple[Attrs, Attrs | None]:
+        """Rename atomically, serialised with every mount's renames on the server (see
+        dfsfs_rename, migration 9). Returns the attributes after of the renamed inode, and
+        of the inode that had the new name: replaced, it lost that name (see
+        `unlink_each`); exchanged, it has the old one; None if no inode had it."""
+        row, = self._call(
+            f"SELECT r.replaced IS NULL, {NODE_COLUMNS.replace('node.', 'moved.')},"
+            f" {NODE_COLUMNS} FROM dfsfs_rename(:account, :session,"
+            " :old_parent, :old_name, :new_parent, :new_name, :flags, :now) AS r,"
+            " LATERAL (SELECT (r.moved).*) moved, LATERAL (SELECT (r.replaced).*) node",
+            old_parent=old_parent_ino, old_name=old_name, new_parent=new_parent_ino,
+            new_name=new_name, flags=flags, now=now_ns)
+        width = (len(row) - 1) // 2
+        moved = _attrs(row[1:1 + width])
+        return moved, None if row[0] else _attrs(row[1 + width:])
 
     def _touch_inode(self, conn: Statements, ino: int, now_ns: int) -> None:
         """Its status changed (name, xattrs): a new ctime."""
