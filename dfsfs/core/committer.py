@@ -171,8 +171,8 @@ class ChunkWriter:
         (except digests in `keep`, still wanted). Returns what is claimed or freed, for the
         reclaimer (claimed ones are deleted at once)."""
         held = [p.chunk_id for p in pendings if p.chunk_id is not None]
-        loose = {p.ref.digest for p in pendings
-                 if p.chunk_id is None and p.ref is not None and p.error is None} - keep
+        # (a failed put may have left a copy in one store)
+        loose = {p.ref.digest for p in pendings if p.chunk_id is None and p.ref is not None} - keep
         freed = await self.offload.meta(self.meta.drop_holds, held) if held else []
         if loose:
             claimed = await self.offload.meta(self.meta.claim_orphans, sorted(loose))
@@ -236,7 +236,7 @@ class Committer:
             superseded = list(state.superseded)
             for pending in [*batch.values(), *superseded]:
                 await pending.done.wait()
-            await self.raise_failed_puts(state)
+            await self._give_up_failed_puts(state)
             changes = state.uncommitted_changes()
             drop_from = None if stored_only else state.drop_from
             commit = FileCommit(state.ino, size, {i: p.ref for i, p in batch.items()},
@@ -265,7 +265,15 @@ class Committer:
         """A chunk of the file that could not be stored fails the next write at once (the
         store is full, say), rather than the close after gigabytes more: the file's
         uncommitted writes are then forgotten, as a failed commit forgets them."""
-        failed = {i: p for i, p in state.pending.items() if p.done.is_set() and p.error is not None}
+        if _failed_puts(state):
+            # Not while a commit of the file's stored chunks runs: forgetting its chunks
+            # and size under it would leave committed chunks past the committed size.
+            async with state.commit_lock:
+                await self._give_up_failed_puts(state)
+
+    async def _give_up_failed_puts(self, state: FileState) -> None:
+        """(holding state.commit_lock) Raise why a chunk of the file could not be stored."""
+        failed = _failed_puts(state)
         if not failed:
             return
         error = storage_error(next(iter(failed.values())).error)
@@ -376,3 +384,7 @@ def storage_error(error: BaseException) -> DfsfsError:
     if isinstance(error, OSError):
         return StorageError(f"chunk store: {error.strerror or error}")
     return StorageError(f"chunk store: {error}")
+
+
+def _failed_puts(state: FileState) -> dict[int, PendingChunk]:
+    return {i: p for i, p in state.pending.items() if p.done.is_set() and p.error is not None}
