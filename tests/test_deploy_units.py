@@ -140,7 +140,8 @@ def test_system_mount_unit_mounts_and_stops_on_sigterm(deployment, tmp_path):
     mountpoint.mkdir()
     credentials = tmp_path / "credentials"
     credentials.mkdir()
-    (credentials / "password").write_text(PASSWORD)  # what LoadCredential= hands over
+    (credentials / "password").write_text(PASSWORD)  # what LoadCredential= hands over:
+    (credentials / "password").chmod(0o400)  # readable by the service's user only
     # /etc/dfsfs/mount-alice.env
     env = {k: v for k, v in deployment.env.items() if k != "DFSFS_PASSWORD"}
     env.update(PATH="/usr/bin:/bin", CREDENTIALS_DIRECTORY=str(credentials),

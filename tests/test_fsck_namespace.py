@@ -200,7 +200,7 @@ def test_a_directory_with_two_names_is_reported(engine, stores, account):
 
 
 def test_entries_naming_missing_inodes_are_dropped(engine, stores, account):
-    sql(engine, "ALTER TABLE dentries DROP CONSTRAINT IF EXISTS dentries_ino_fkey")
+    sql(engine, "ALTER TABLE dentries DROP CONSTRAINT IF EXISTS dentries_ino_same_account")
     tampered(engine, "INSERT INTO dentries (user_id, parent_ino, name, ino)"
              " VALUES (:u, :r, 'ghost', 999999999)", u=account.user_id, r=account.fs.root_ino)
     repaired_cleanly(engine, stores, account, "dangling_entries")

@@ -544,13 +544,12 @@ def test_utimensat_rules(work):
     assert times(f)[:2] == (-1_000_000_000, 4_000_000_000_000_000_000)
 
 
-@pytest.mark.xfail(reason="found by tests/test_model.py (seed 59): a kernel limitation that the"
-                   " change feed's entry invalidation removes", strict=False)
 def test_rename_of_a_directory_another_mount_moved(work, mnt, second):
-    """Mount B knows directory x/sub under that name; mount A moves it to `moved`. Inside
-    a rename on B the lookup of `moved` meets the inode under its stale old name, which
-    the kernel cannot move while it holds the rename lock (d_splice_alias): ESTALE, and
-    again at the retry, until B walks x/sub again or the entry is invalidated."""
+    """Mount B knows directory x/sub under that name; mount A moves it to `moved`. Found by
+    tests/test_model.py (seed 59): were B's kernel to keep the stale name, the lookup of
+    `moved` inside a rename on B would meet the inode under it, which the kernel cannot
+    move while it holds the rename lock (d_splice_alias): ESTALE, again at the retry. The
+    change feed invalidates the old name on B as A's rename commits."""
     there = second.path / work.relative_to(mnt.path)
     (work / "x" / "sub").mkdir(parents=True)
     (work / "y").mkdir()
