@@ -42,10 +42,12 @@ def boot_id() -> str | None:
 
 def process_start(pid: int) -> int | None:
     """When the process started (clock ticks since boot): with the pid and the boot, it
-    names one process, whatever pids are reused later."""
+    names one process, whatever pids are reused later. None once it is gone, including
+    a killed process its parent has not reaped yet (a zombie serves nothing)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return int(stat.read().rpartition(")")[2].split()[19])
+            fields = stat.read().rpartition(")")[2].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
 

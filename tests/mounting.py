@@ -31,6 +31,7 @@ DFSFS = str(Path(sys.executable).with_name("dfsfs"))
 PASSWORD = "pw-for-tests"
 MOUNT_TIMEOUT_S = 60
 UMOUNT_TIMEOUT_S = 60
+KILL_WAIT_S = 30
 # Lines of the daemon log that mean a bug: an unexpected exception became EIO, or worse.
 LOG_ALARMS = ("Traceback", " ERROR ", " CRITICAL ", "unexpected error")
 
@@ -204,6 +205,7 @@ class Mount:
         process blocked on a request of this mount gets ENOTCONN instead of hanging forever."""
         if self.pid is not None and _alive(self.pid):
             os.kill(self.pid, signal.SIGKILL)
+            _wait_gone(self.pid, KILL_WAIT_S)
         subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True, check=False)
 
     def revive(self) -> None:
@@ -275,9 +277,14 @@ def _kill(pid: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + grace
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_gone(pid, grace)
+
+
+def _wait_gone(pid: int, timeout_s: float) -> None:
+    """Until `pid` has died (a session of it counts as over only then) or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @atexit.register

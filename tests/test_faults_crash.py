@@ -20,6 +20,8 @@ names the iteration and its seed.
 
 import os
 import random
+import signal
+import subprocess
 import time
 
 import pytest
@@ -36,6 +38,8 @@ from faults import (
     teardown,
 )
 from mounting import Deployment, is_mount
+
+from dfsfs.recovery import process_start
 
 ITERATIONS = 10
 SEED = 20240607
@@ -104,6 +108,20 @@ def test_mount_right_after_kill_cleans_the_stale_mount(deployment):
         assert (mnt.path / "f").read_bytes() == b"kept"
     finally:
         teardown(mnt)
+
+
+def test_a_killed_daemon_not_yet_reaped_is_gone():
+    """A mount that finds the session of a killed daemon whose parent has not reaped it
+    (a zombie keeps its pid and start time) must still settle that session."""
+    process = subprocess.Popen(["sleep", "600"])
+    try:
+        assert process_start(process.pid) is not None
+        os.kill(process.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)  # a zombie, not reaped
+        assert process_start(process.pid) is None
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_kill_daemon_at_random_points(deployment):
