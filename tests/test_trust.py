@@ -516,6 +516,36 @@ def test_swap_names_relabel_symlink_counters(scene, hostile):
                          (INT64_MAX, INT64_MAX, bob)) == 0
 
 
+def test_own_rows_hold_only_what_a_mount_can_serve(scene, hostile):
+    """An account's raw SQL on its own rows cannot store what no mount writes (an unknown
+    file type, a symlink with no usable target, sizes, xattrs or chunk indices out of
+    range): the server refuses each, and the file stays as it was."""
+    mine = hostile.rows("SELECT d.ino FROM dentries d JOIN users u ON u.root_ino = d.parent_ino"
+                        " WHERE d.name = 'mine'")[0][0]
+    attacks = [
+        ("UPDATE inodes SET mode = 61440 | 420 WHERE id = %s", (mine,)),  # S_IFMT itself
+        ("UPDATE inodes SET mode = 1048576 | 33188 WHERE id = %s", (mine,)),
+        ("UPDATE inodes SET size = %s WHERE id = %s", (2**62, mine)),
+        ("UPDATE inodes SET mode = 41471 WHERE id = %s", (mine,)),  # a symlink, no target
+        ("UPDATE inodes SET mode = 41471, target = '' WHERE id = %s", (mine,)),
+        ("UPDATE inodes SET mode = 41471, target = %s WHERE id = %s", (b"a\0b", mine)),
+        ("UPDATE inodes SET mode = 41471, target = %s WHERE id = %s", (b"x" * 4096, mine)),
+        ("UPDATE inodes SET target = '/etc/shadow' WHERE id = %s", (mine,)),  # a file's target
+        ("INSERT INTO xattrs (user_id, ino, name, value) VALUES (%s, %s, %s, 'v')",
+         (scene["alice"], mine, b"user." + b"n" * 300)),
+        ("INSERT INTO xattrs (user_id, ino, name, value) VALUES (%s, %s, 'user.big', %s)",
+         (scene["alice"], mine, b"v" * 65537)),
+        ("UPDATE file_chunks SET index = -1 WHERE ino = %s", (mine,)),
+        ("UPDATE file_chunks SET index = %s WHERE ino = %s", (2**40, mine)),
+    ]
+    rows = ("SELECT mode, size, target FROM inodes WHERE id = %s", "SELECT index, chunk_id FROM"
+            " file_chunks WHERE ino = %s ORDER BY index", "SELECT name FROM xattrs WHERE ino = %s")
+    before = [hostile.rows(sql, (mine,)) for sql in rows]
+    for sql, params in attacks:
+        assert "check constraint" in hostile.refused(sql, params), sql
+    assert [hostile.rows(sql, (mine,)) for sql in rows] == before
+
+
 def test_lock_out(scene, hostile, admin_engine):
     """B cannot be locked out for longer than the throttling allows, and a live session of
     B is not touched by failed logins."""
