@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from faults import (adopt, bounded, chunk_files, content, drop_caches, errno_for, fsck, query,
                     read_bytes, teardown, user_id, write_bytes)
@@ -192,6 +193,39 @@ def test_write_at_one_tebibyte_is_sparse(deployment, mnt, work):
     finally:
         os.close(fd)
     os.unlink(path)
+
+
+def test_rows_no_mount_could_write_give_eio_and_the_mount_goes_on(database_url, admin_engine,
+                                                                   mnt, work):
+    """Rows from before the server refused them (the checks of migrations 9 and 10 are NOT
+    VALID): an unknown file type and a name with '/' are refused as EIO, never served, and
+    the rest of the mount goes on."""
+    (work / "odd").write_bytes(b"odd")
+    (work / "slashed").write_bytes(b"slashed")
+    where = f"user_id = {user_id(database_url, mnt.user)}"
+
+    def run(*statements):
+        with admin_engine.begin() as conn:
+            for statement in statements:
+                conn.execute(sa.text(statement))
+
+    # (this module's database only)
+    run("ALTER TABLE inodes DROP CONSTRAINT inodes_mode_known",
+        "ALTER TABLE dentries DROP CONSTRAINT dentries_name_valid",
+        f"UPDATE inodes SET mode = 28676 WHERE id = (SELECT ino FROM dentries WHERE name = 'odd'"
+        f" AND {where})",  # 0o070004: no file type
+        f"UPDATE dentries SET name = 'a/b' WHERE name = 'slashed' AND {where}")
+    try:
+        mnt.remount()  # nothing cached of them
+        assert errno_for(os.stat, work / "odd") == errno.EIO
+        assert errno_for(os.listdir, work) == errno.EIO  # the listing holds a name with '/'
+        (work / "after").write_bytes(b"still here")
+        assert (work / "after").read_bytes() == b"still here"
+    finally:
+        run(f"UPDATE inodes SET mode = 33188 WHERE mode = 28676 AND {where}",
+            f"UPDATE dentries SET name = 'slashed' WHERE name = 'a/b' AND {where}")
+        mnt.remount()
+    assert sorted(os.listdir(work)) == ["after", "odd", "slashed"]
 
 
 def test_zero_length_files_survive_remount(mnt, work):
