@@ -6,6 +6,8 @@ import errno
 import hashlib
 import logging
 import os
+import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -213,6 +215,41 @@ def test_a_file_open_in_another_session_stays_readable_after_its_removal(
     settle(core)
     assert named_digests(admin_engine, account) == set()
     assert_stores_hold_exactly_what_is_named(admin_engine, tmp_path, account)
+
+
+def test_a_release_racing_the_removal_of_its_inode_purges_it(core, admin_engine, account):
+    """A release (the kernel forgot the inode) and the removal of its last name (queued
+    earlier) may run at once: whichever commits first, the inode is never left with no
+    name and no hold; here the release waits for the removal and purges the inode."""
+    meta = core.meta
+    root = core.fs.root_ino
+    ino = meta.make_node(root, b"f", 0o100644, 0, 0, 1, hold=True).ino
+    remover = core.engine.raw_connection()
+    try:
+        cursor = remover.driver_connection.cursor()  # the removal, under way
+        cursor.execute("SELECT refusal FROM dfsfs_unlink_each(%s, %s, ARRAY[%s]::bigint[],"
+                       " ARRAY[%s]::bytea[], ARRAY[2]::bigint[], ARRAY[false])",
+                       (account, meta.session_id, root, b"f"))
+        assert cursor.fetchall() == [(None,)]
+        released = []
+        releaser = threading.Thread(target=lambda: released.append(meta.release_inodes([ino])))
+        releaser.start()
+        deadline = time.monotonic() + 10
+        while releaser.is_alive() and not waiting_on_a_lock(admin_engine):
+            assert time.monotonic() < deadline, "the release neither ended nor waited"
+            time.sleep(0.01)
+        remover.commit()
+        releaser.join(10)
+    finally:
+        remover.close()
+    assert released and released[0][0] == [ino]
+    with admin_engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM inodes WHERE id = :i"), {"i": ino}).scalar() == 0
+
+
+def waiting_on_a_lock(admin_engine) -> bool:
+    with admin_engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar() > 0
 
 
 def test_a_chunk_released_by_another_session_is_no_damage(url, account, account_name, tmp_path, admin_engine, core):
