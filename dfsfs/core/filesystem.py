@@ -229,17 +229,20 @@ class FileSystem:
 
     async def _settled_attrs(self, query, *args) -> Attrs:
         """Attributes from the database; asked again after the queued removals when those
-        may change them."""
+        may change them, or when a batch of them landed while these were read."""
+        batches = self.removals.batches_applied
         attrs = await self.offload.meta(query, *args)
-        if self._may_lag(attrs):
+        if self._may_lag(attrs, batches):
             await self.removals.settle()
             attrs = await self.offload.meta(query, *args)
         return attrs
 
-    def _may_lag(self, attrs: Attrs) -> bool:
-        """Whether queued removals may change these attributes: another of its names may be
-        among them (a directory's own entries are kept in step by dir_changed)."""
-        return bool(self.removals) and not attrs.is_dir and attrs.nlink > 1
+    def _may_lag(self, attrs: Attrs, batches_seen: int | None = None) -> bool:
+        """Whether removals may change these attributes: another of its names may be among
+        those queued, or among a batch that landed since `batches_seen` (a directory's own
+        entries are kept in step by dir_changed)."""
+        landed = batches_seen is not None and self.removals.batches_applied != batches_seen
+        return (bool(self.removals) or landed) and not attrs.is_dir and attrs.nlink > 1
 
     async def setattr(self, ino: int, caller_uid: int, *, size: int | None = None,
                       **changes: int) -> Attrs:

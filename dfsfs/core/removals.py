@@ -75,6 +75,7 @@ class RemovalQueue(_SettledInBackground):
         self.meta = meta
         self.offload = offload
         self.removed = removed  # the inode's attributes after one of its names went
+        self.batches_applied = 0  # attributes read across a change of it may predate a batch
         self._queued: dict[tuple[int, bytes], QueuedRemoval] = {}
         self._applying = trio.Lock()
 
@@ -109,6 +110,7 @@ class RemovalQueue(_SettledInBackground):
                     last, then = then, None
                     batch.append(last)
                 results = await self.offload.meta(self.meta.unlink_each, batch)
+                self.batches_applied += 1
                 for removal, result in zip(batch, results, strict=True):
                     if removal is not last:
                         del self._queued[(removal.parent_ino, removal.name)]
