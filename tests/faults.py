@@ -175,11 +175,9 @@ def kill_daemon(mnt, timeout: float = 10.0) -> None:
     """SIGKILL the mount's daemon and wait until it is gone; the mount is left stale."""
     m = _mounting()
     os.kill(mnt.pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while m._alive(mnt.pid):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"daemon {mnt.pid} survived SIGKILL")
-        time.sleep(0.02)
+    m._wait_gone(mnt.pid, timeout)
+    if m._alive(mnt.pid):
+        raise AssertionError(f"daemon {mnt.pid} survived SIGKILL")
 
 
 def is_stale(path) -> bool:

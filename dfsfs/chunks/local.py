@@ -128,8 +128,7 @@ class LocalChunkStore(ChunkStore):
             return
         if self._syncers is None:
             self._syncers = futures.ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-sync")
-        for done in list(self._syncers.map(_fdatasync_file, paths)):
-            del done
+        list(self._syncers.map(_fdatasync_file, paths))  # waits for all; raises the first failure
 
     def close(self) -> None:
         if self._syncers is not None:

@@ -21,6 +21,7 @@ The protocol (meta/migrations/0008_write_path.sql has the server side):
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -288,17 +289,18 @@ class Committer:
         """Commit; a put old enough that a deletion of its chunk may have crossed it
         unseen (see chunk_tombstones), or a commit refused because one did, has its chunks
         secured first."""
-        too_old = trio.current_time() - TRUSTED_PUT_S
-        for pending in batch.values():
-            if pending.ref is not None and pending.chunk_id is None and pending.put_at < too_old:
-                await self.chunk_writer.secure(pending)
+        await self._secure(batch, put_before=trio.current_time() - TRUSTED_PUT_S)
         try:
             await self.commit(commit)
         except BusyError:
-            for pending in batch.values():
-                if pending.ref is not None and pending.chunk_id is None:
-                    await self.chunk_writer.secure(pending)
+            await self._secure(batch, put_before=math.inf)
             await self.commit(commit)
+
+    async def _secure(self, batch: dict[int, PendingChunk], put_before: float) -> None:
+        """Secure the chunks of `batch` put before then and not secured yet."""
+        for pending in batch.values():
+            if pending.ref is not None and pending.chunk_id is None and pending.put_at < put_before:
+                await self.chunk_writer.secure(pending)
 
     async def _forget(self, pendings: list[PendingChunk], state: FileState) -> None:
         """Chunks of `state` put and not committed: their holds and bytes go."""
